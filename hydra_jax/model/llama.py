@@ -1,0 +1,270 @@
+"""The Llama-family decoder (llama, mistral, qwen2) as Flax Linen modules, used functionally.
+
+One forward serves prefill, one-token decode, tree verification and training: the caller
+passes token ids, their positions, optionally the KV cache, and the attention mask it built
+(see `hydra_jax.model.masks`). Parameters carry logical axis names, so training shards them
+by rules; `nn.unbox` gives the plain pytree that loading and decoding use.
+
+Einsum legend: B batch, T query tokens, S key slots, D model width, N query heads,
+K kv heads, G query heads per kv head (N = K * G), H head dim, F mlp width, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from hydra_jax.model.config import ModelConfig
+from hydra_jax.model.kv_cache import KVCache, write_rows
+from hydra_jax.model.masks import causal_mask
+
+Dtype = Any
+
+
+def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
+  """Inverse frequencies [H/2] in f32, with linear or Llama-3 scaling when configured."""
+  h = cfg.head_dim
+  inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+  scaling = cfg.rope_scaling_dict
+  if scaling is None:
+    return inv
+  factor = float(scaling["factor"])
+  if scaling["rope_type"] == "linear":
+    return inv / factor
+  # llama3: long wavelengths are slowed by `factor`, short ones kept, the middle interpolated.
+  old_len = float(scaling["original_max_position_embeddings"])
+  low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+  wavelen = 2 * math.pi / inv
+  scaled = jnp.where(wavelen > old_len / low, inv / factor, inv)
+  smooth = (old_len / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+  return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, inv_freq: jax.Array) -> jax.Array:
+  """Rotate-half RoPE, as Hugging Face does it (so HF q/k weights need no permutation)."""
+  angles = positions_BxT.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+  cos, sin = jnp.cos(angles).astype(x_BxTxNxH.dtype), jnp.sin(angles).astype(x_BxTxNxH.dtype)
+  x1, x2 = jnp.split(x_BxTxNxH, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return x_BxTxNxH * cos + rotated * sin
+
+
+class RMSNorm(nn.Module):
+  eps: float
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                       (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)  # norms in f32 whatever the compute dtype
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (x32 * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+def _param(module: nn.Module, name: str, shape, axes, dtype, init=None):
+  init = init or nn.initializers.normal(0.02)
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, kv: Optional[Tuple[jax.Array, jax.Array]],
+               offsets_B: Optional[jax.Array]):
+    cfg, dt = self.cfg, self.dtype
+    d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
+    q = _Proj(heads=n, axes="heads", cfg=cfg, dtype=dt, param_dtype=self.param_dtype,
+              name="q_proj")(x_BxTxD)
+    key = _Proj(heads=k, axes="kv_heads", cfg=cfg, dtype=dt, param_dtype=self.param_dtype,
+                name="k_proj")(x_BxTxD)
+    val = _Proj(heads=k, axes="kv_heads", cfg=cfg, dtype=dt, param_dtype=self.param_dtype,
+                name="v_proj")(x_BxTxD)
+    inv_freq = rope_inv_freq(cfg)
+    q = apply_rope(q, positions_BxT, inv_freq)
+    key = apply_rope(key, positions_BxT, inv_freq)
+
+    if kv is None:
+      keys, values, new_kv = key, val, None
+    else:
+      keys = write_rows(kv[0], key, offsets_B)
+      values = write_rows(kv[1], val, offsets_B)
+      new_kv = (keys, values)
+      keys, values = keys.astype(dt), values.astype(dt)
+
+    b, t = q.shape[:2]
+    q = q.reshape(b, t, k, n // k, h)
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, keys).astype(jnp.float32) / math.sqrt(h)
+    scores = jnp.where(mask_BxTxS[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)  # softmax in f32
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, values).reshape(b, t, n, h)
+    return _OutProj(cfg=cfg, dtype=dt, param_dtype=self.param_dtype, name="o_proj")(out), new_kv
+
+
+class _Proj(nn.Module):
+  """q, k or v projection: kernel [D, heads, H] (+ bias [heads, H] when the model has one)."""
+  heads: int
+  axes: str
+  cfg: ModelConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxTxD):
+    d, h = self.cfg.hidden_size, self.cfg.head_dim
+    w = _param(self, "kernel", (d, self.heads, h), ("embed", self.axes, "head_dim"),
+               self.param_dtype)
+    y = jnp.einsum("BTD,DNH->BTNH", x_BxTxD, w.astype(self.dtype))
+    if self.cfg.attention_bias:
+      bias = _param(self, "bias", (self.heads, h), (self.axes, "head_dim"), self.param_dtype,
+                    nn.initializers.zeros)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+class _OutProj(nn.Module):
+  cfg: ModelConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxTxNxH):
+    c = self.cfg
+    w = _param(self, "kernel", (c.num_heads, c.head_dim, c.hidden_size),
+               ("heads", "head_dim", "embed"), self.param_dtype)
+    return jnp.einsum("BTNH,NHD->BTD", x_BxTxNxH, w.astype(self.dtype))
+
+
+class MLP(nn.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+  cfg: ModelConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxTxD):
+    d, f, dt = self.cfg.hidden_size, self.cfg.intermediate_size, self.dtype
+
+    def kernel(name, shape, axes):
+      return _Kernel(shape=shape, axes=axes, param_dtype=self.param_dtype, name=name)()
+
+    gate = x_BxTxD @ kernel("gate_proj", (d, f), ("embed", "mlp")).astype(dt)
+    up = x_BxTxD @ kernel("up_proj", (d, f), ("embed", "mlp")).astype(dt)
+    return (nn.silu(gate) * up) @ kernel("down_proj", (f, d), ("mlp", "embed")).astype(dt)
+
+
+class _Kernel(nn.Module):
+  shape: Tuple[int, ...]
+  axes: Tuple[str, ...]
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self):
+    return _param(self, "kernel", self.shape, self.axes, self.param_dtype)
+
+
+class DecoderLayer(nn.Module):
+  """Pre-norm attention + SwiGLU block. Also the Hydra++ prefix layer."""
+  cfg: ModelConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, kv=None, offsets_B=None):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    eps = self.cfg.rms_norm_eps
+    h = RMSNorm(eps, name="input_layernorm", **kw)(x_BxTxD)
+    attn, new_kv = Attention(self.cfg, name="self_attn", **kw)(
+        h, positions_BxT, mask_BxTxS, kv, offsets_B)
+    x = x_BxTxD + attn
+    h = RMSNorm(eps, name="post_attention_layernorm", **kw)(x)
+    return x + MLP(self.cfg, name="mlp", **kw)(h), new_kv
+
+
+class LlamaModel(nn.Module):
+  """The decoder with its embedding and LM head.
+
+  __call__(tokens [B, T], positions [B, T], cache | None, mask [B, T, S] | None)
+    -> (logits [B, T, V] f32 or None, hidden [B, T, D] after the final norm, cache | None)
+
+  With a cache, the T new entries are written at slots cache.lengths[b] + t; the lengths are
+  NOT advanced (the caller knows how many entries to commit: all after prefill, only the
+  accepted path after tree verification). Without a cache the mask defaults to causal.
+  """
+  cfg: ModelConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def setup(self):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    c = self.cfg
+    self.embed_tokens = _Embedding(c.vocab_size, c.hidden_size, self.param_dtype)
+    self.layers = [DecoderLayer(c, **kw) for _ in range(c.num_layers)]
+    self.norm = RMSNorm(c.rms_norm_eps, **kw)
+    if not c.tie_word_embeddings:
+      self.lm_head = _Kernel(shape=(c.hidden_size, c.vocab_size), axes=("embed", "vocab"),
+                             param_dtype=self.param_dtype)
+
+  def embed(self, tokens_BxT):
+    return jnp.take(self.embed_tokens(), tokens_BxT, axis=0).astype(self.dtype)
+
+  def logits(self, hidden_BxTxD):
+    """LM head in the compute dtype, returned as f32 (what sampling and losses want)."""
+    if self.cfg.tie_word_embeddings:
+      w = self.embed_tokens().T
+    else:
+      w = self.lm_head()
+    return (hidden_BxTxD.astype(self.dtype) @ w.astype(self.dtype)).astype(jnp.float32)
+
+  def __call__(self, tokens_BxT, positions_BxT, cache: Optional[KVCache] = None,
+               mask_BxTxS=None, return_logits: bool = True):
+    b, t = tokens_BxT.shape
+    if mask_BxTxS is None:
+      if cache is not None:
+        raise ValueError("a forward with a KV cache needs an explicit attention mask")
+      mask_BxTxS = causal_mask(b, t)
+    x = self.embed(tokens_BxT)
+    new_k, new_v = [], []
+    for i, layer in enumerate(self.layers):
+      kv = None if cache is None else (cache.k[i], cache.v[i])
+      x, layer_kv = layer(x, positions_BxT, mask_BxTxS, kv,
+                          None if cache is None else cache.lengths)
+      if layer_kv is not None:
+        new_k.append(layer_kv[0])
+        new_v.append(layer_kv[1])
+    hidden = self.norm(x)
+    new_cache = None if cache is None else cache.replace(k=tuple(new_k), v=tuple(new_v))
+    logits = self.logits(hidden) if return_logits else None
+    return logits, hidden, new_cache
+
+
+class _Embedding(nn.Module):
+  vocab_size: int
+  hidden_size: int
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self):
+    return _param(self, "embedding", (self.vocab_size, self.hidden_size), ("vocab", "embed"),
+                  self.param_dtype)
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array, param_dtype=jnp.float32, boxed: bool = False):
+  """Random params (N(0, 0.02), norms 1); `boxed=True` keeps the logical-axis metadata."""
+  model = LlamaModel(cfg, param_dtype=param_dtype)
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  variables = model.init(rng, tokens, tokens)
+  params = variables["params"]
+  return params if boxed else nn.unbox(params)
