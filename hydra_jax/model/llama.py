@@ -48,7 +48,7 @@ def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
 
 def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, inv_freq: jax.Array) -> jax.Array:
   """Rotate-half RoPE, as Hugging Face does it (so HF q/k weights need no permutation)."""
-  angles = positions_BxT.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+  angles = positions_BxT.astype(jnp.float32)[..., None] * inv_freq[None, None, :]  # [B, T, H/2]
   angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
   cos, sin = jnp.cos(angles).astype(x_BxTxNxH.dtype), jnp.sin(angles).astype(x_BxTxNxH.dtype)
   x1, x2 = jnp.split(x_BxTxNxH, 2, axis=-1)
@@ -67,7 +67,8 @@ class RMSNorm(nn.Module):
                        (x.shape[-1],), self.param_dtype)
     x32 = x.astype(jnp.float32)  # norms in f32 whatever the compute dtype
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (x32 * scale.astype(jnp.float32)).astype(self.dtype)
+    scale = scale.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
+    return (x32 * scale).astype(self.dtype)
 
 
 def _param(module: nn.Module, name: str, shape, axes, dtype, init=None):
@@ -130,7 +131,7 @@ class _Proj(nn.Module):
     if self.cfg.attention_bias:
       bias = _param(self, "bias", (self.heads, h), (self.axes, "head_dim"), self.param_dtype,
                     nn.initializers.zeros)
-      y = y + bias.astype(self.dtype)
+      y = y + bias.astype(self.dtype)[None, None]
     return y
 
 
