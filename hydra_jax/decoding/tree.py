@@ -1,0 +1,388 @@
+"""Draft trees: validation, compilation to static numpy buffers, presets and tree growing.
+
+A tree is a list of paths of top-k ranks: [0, 1] is the rank-1 child of the rank-0 depth-1
+token. The root (depth 0, the base model's own next token) is implicit. Nodes are numbered
+like Medusa: node 0 is the root, then the paths sorted by (length, path), so the nodes of one
+depth form a contiguous range and every parent precedes its children.
+
+`compile_tree` turns the paths into the constants the decode loop closes over (attention
+mask, depths, acceptance tables, Medusa's cartesian candidate indices and the per-depth
+gather plans of sequential drafting). Everything is computed once, in numpy, outside jit.
+
+Legend: N nodes including the root, D depth (longest path), P leaf paths, R_d rows that
+expand at depth d, n_d nodes at depth d, K top-k.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+PRESETS_FILE = Path(__file__).resolve().parent.parent / "presets" / "trees.json"
+
+
+class TreeError(ValueError):
+  """The tree is malformed or does not fit the draft heads."""
+
+
+def _fmt(path: Sequence[int]) -> str:
+  return "[" + ", ".join(str(r) for r in path) + "]"
+
+
+def _normalise(paths: Any) -> Tuple[Tuple[int, ...], ...]:
+  """Checks the shape of the input and returns the paths as int tuples (input order)."""
+  if isinstance(paths, (str, bytes)) or not isinstance(paths, (list, tuple)):
+    raise TreeError(
+        f"a tree is a list of paths of top-k ranks like [[0], [0, 0], [1]], got {type(paths).__name__}")
+  if not paths:
+    raise TreeError("the tree is empty: give at least one path, e.g. [[0]]")
+  out = []
+  for path in paths:
+    if isinstance(path, (str, bytes)) or not isinstance(path, (list, tuple)):
+      raise TreeError(f"each path must be a list of ranks like [0, 1], got {path!r}")
+    if not path:
+      raise TreeError("the empty path [] is not allowed: the root is implicit, start paths at depth 1")
+    ranks = []
+    for r in path:
+      # bool is an int subclass but [True] is surely a mistake.
+      if isinstance(r, (bool, np.bool_)) or not isinstance(r, (int, np.integer)):
+        raise TreeError(f"path {path!r} holds {r!r}: ranks must be non-negative integers")
+      if r < 0:
+        raise TreeError(f"path {_fmt(path)} holds the negative rank {r}: ranks start at 0 (top-1)")
+      ranks.append(int(r))
+    out.append(tuple(ranks))
+  return tuple(out)
+
+
+def validate_paths(paths: Any, num_heads: Optional[int] = None,
+                   max_topk: Optional[int] = None) -> Tuple[Tuple[int, ...], ...]:
+  """Returns the paths sorted in node order, or raises TreeError naming the problem."""
+  norm = _normalise(paths)
+  seen = set()
+  for p in norm:
+    if p in seen:
+      raise TreeError(f"path {_fmt(p)} appears twice in the tree")
+    seen.add(p)
+  for p in norm:
+    if len(p) > 1 and p[:-1] not in seen:
+      raise TreeError(f"path {_fmt(p)} needs its prefix {_fmt(p[:-1])}")
+  depth = max(len(p) for p in norm)
+  if num_heads is not None and depth > num_heads:
+    raise TreeError(
+        f"tree depth {depth} needs {depth} draft heads but the heads have {num_heads}; "
+        f"use a tree of depth <= {num_heads}")
+  if max_topk is not None:
+    worst = max(norm, key=max)
+    if max(worst) >= max_topk:
+      raise TreeError(
+          f"path {_fmt(worst)} uses rank {max(worst)} but only the top-{max_topk} candidates "
+          f"are available (ranks 0..{max_topk - 1})")
+  return tuple(sorted(norm, key=lambda p: (len(p), p)))
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+  a.setflags(write=False)
+  return a
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CompiledTree:
+  """Static buffers of one tree. Hash/eq follow the paths, so it can be a jit static arg."""
+
+  name: str
+  paths: Tuple[Tuple[int, ...], ...]  # sorted by (length, path); node i + 1 = paths[i]
+  num_nodes: int  # N, root included
+  depth: int  # D
+  depths: np.ndarray  # int32 [N], root 0: the position offset of each node
+  parents: np.ndarray  # int32 [N], root -1
+  ranks: np.ndarray  # int32 [N], root 0: the top-k rank each node takes from its head/row
+  ancestors: np.ndarray  # bool [N, N]: [i, j] when j is i or an ancestor of i
+  node_path: np.ndarray  # int32 [N, D+1]: root-to-node node indices, padded with -1
+  is_leaf: np.ndarray  # bool [N]
+  retrieve: np.ndarray  # int32 [P, D+1]: root-to-leaf node indices, padded with -1
+  path_lengths: np.ndarray  # int32 [P]: nodes on each leaf path, root excluded
+  leaf_of_node: np.ndarray  # int32 [N]: first retrieve row whose path passes through the node
+  medusa_head: np.ndarray  # int32 [N]: head that proposes the node (depth - 1), root -1
+  medusa_flat: np.ndarray  # int32 [N]: index into concat([root], topk_HxK.ravel()), K = topk
+  topk: int  # max rank + 1 over the whole tree (Medusa's per-head top-k)
+  nodes_per_depth: Tuple[int, ...]  # n_d for d = 1..D
+  depth_nodes: Tuple[np.ndarray, ...]  # [d-1]: int32 [n_d] node indices at depth d (contiguous)
+  expand_rows: Tuple[np.ndarray, ...]  # [d-1]: int32 [R_d] nodes at depth d-1 with children
+  expand_local: Tuple[np.ndarray, ...]  # [d-1]: int32 [R_d] the same, as offsets within depth d-1
+  child_row: Tuple[np.ndarray, ...]  # [d-1]: int32 [n_d] parent's index into expand_rows[d-1]
+  child_rank: Tuple[np.ndarray, ...]  # [d-1]: int32 [n_d] rank within the parent's top-k
+  topk_per_depth: Tuple[int, ...]  # [d-1]: max rank + 1 at depth d
+
+  def __hash__(self) -> int:
+    return hash(self.paths)
+
+  def __eq__(self, other) -> bool:
+    return isinstance(other, CompiledTree) and self.paths == other.paths
+
+  @property
+  def num_leaves(self) -> int:
+    return int(self.retrieve.shape[0])
+
+  @property
+  def expand_sizes(self) -> Tuple[int, ...]:
+    return tuple(int(r.shape[0]) for r in self.expand_rows)
+
+  def describe(self) -> str:
+    return (f"tree {self.name}: {self.num_nodes} nodes (root + {self.num_nodes - 1}), depth "
+            f"{self.depth}, nodes per depth {list(self.nodes_per_depth)}, {self.num_leaves} leaves, "
+            f"top-k per depth {list(self.topk_per_depth)}, expanding rows {list(self.expand_sizes)}")
+
+  def to_json(self) -> List[List[int]]:
+    return [list(p) for p in self.paths]
+
+
+def compile_tree(paths: Any, num_heads: Optional[int] = None, max_topk: Optional[int] = None,
+                 name: str = "custom") -> CompiledTree:
+  """Validates `paths` (see `validate_paths`) and precomputes every static buffer."""
+  paths = validate_paths(paths, num_heads=num_heads, max_topk=max_topk)
+  n = len(paths) + 1
+  depth = max(len(p) for p in paths)
+  index = {(): 0}
+  for i, p in enumerate(paths):
+    index[p] = i + 1
+
+  depths = np.zeros(n, np.int32)
+  parents = np.full(n, -1, np.int32)
+  ranks = np.zeros(n, np.int32)
+  node_path = np.full((n, depth + 1), -1, np.int32)
+  node_path[0, 0] = 0
+  for p, i in index.items():
+    if not p:
+      continue
+    depths[i] = len(p)
+    parents[i] = index[p[:-1]]
+    ranks[i] = p[-1]
+    node_path[i, :len(p) + 1] = [index[p[:k]] for k in range(len(p) + 1)]
+
+  ancestors = np.zeros((n, n), bool)
+  for i in range(n):
+    ancestors[i, node_path[i, :depths[i] + 1]] = True
+
+  has_child = np.zeros(n, bool)
+  has_child[parents[1:]] = True
+  is_leaf = ~has_child
+  is_leaf[0] = n == 1  # unreachable (a tree has >= 1 path), kept for clarity
+  leaves = np.nonzero(is_leaf)[0]
+  retrieve = node_path[leaves].copy()
+  path_lengths = depths[leaves].astype(np.int32)
+  leaf_of_node = np.full(n, -1, np.int32)
+  for row, leaf in reversed(list(enumerate(leaves))):  # reversed: the first row wins
+    leaf_of_node[node_path[leaf, :depths[leaf] + 1]] = row
+
+  topk = int(ranks.max()) + 1
+  medusa_head = (depths - 1).astype(np.int32)
+  medusa_flat = np.where(depths > 0, 1 + medusa_head * topk + ranks, 0).astype(np.int32)
+
+  depth_nodes, expand_rows, expand_local, child_row, child_rank = [], [], [], [], []
+  topk_per_depth = []
+  for d in range(1, depth + 1):
+    nodes = np.nonzero(depths == d)[0].astype(np.int32)
+    prev = np.nonzero(depths == d - 1)[0]
+    rows = np.unique(parents[nodes]).astype(np.int32)  # sorted, i.e. node order
+    depth_nodes.append(nodes)
+    expand_rows.append(rows)
+    expand_local.append(np.searchsorted(prev, rows).astype(np.int32))
+    child_row.append(np.searchsorted(rows, parents[nodes]).astype(np.int32))
+    child_rank.append(ranks[nodes].copy())
+    topk_per_depth.append(int(ranks[nodes].max()) + 1)
+
+  arrays = [depths, parents, ranks, ancestors, node_path, is_leaf, retrieve, path_lengths,
+            leaf_of_node, medusa_head, medusa_flat]
+  for a in arrays + depth_nodes + expand_rows + expand_local + child_row + child_rank:
+    _readonly(a)
+  return CompiledTree(
+      name=name, paths=paths, num_nodes=n, depth=depth, depths=depths, parents=parents,
+      ranks=ranks, ancestors=ancestors, node_path=node_path, is_leaf=is_leaf, retrieve=retrieve,
+      path_lengths=path_lengths, leaf_of_node=leaf_of_node, medusa_head=medusa_head,
+      medusa_flat=medusa_flat, topk=topk,
+      nodes_per_depth=tuple(int(x.shape[0]) for x in depth_nodes),
+      depth_nodes=tuple(depth_nodes), expand_rows=tuple(expand_rows),
+      expand_local=tuple(expand_local), child_row=tuple(child_row),
+      child_rank=tuple(child_rank), topk_per_depth=tuple(topk_per_depth))
+
+
+# ----------------------------------------------------------------------------------------
+# Presets and loading
+
+
+def preset_trees() -> Dict[str, List[List[int]]]:
+  """The shipped presets, name -> paths."""
+  with open(PRESETS_FILE) as f:
+    return json.load(f)
+
+
+def _paths_from_file(path: Path) -> Tuple[Any, str]:
+  try:
+    with open(path) as f:
+      data = json.load(f)
+  except FileNotFoundError:
+    raise TreeError(f"tree file {path} does not exist; give a preset name "
+                    f"({', '.join(sorted(preset_trees()))}) or a JSON file") from None
+  except (OSError, json.JSONDecodeError) as e:
+    raise TreeError(f"tree file {path} is not readable JSON: {e}") from None
+  name = path.stem
+  if isinstance(data, dict):
+    if "paths" not in data:
+      raise TreeError(f"tree file {path} holds an object without 'paths'; write either a list "
+                      f"of paths or {{\"paths\": [[0], [0, 0], ...]}}")
+    name = str(data.get("name", name))
+    data = data["paths"]
+  try:
+    _normalise(data)
+  except TreeError as e:
+    raise TreeError(f"tree file {path}: {e}") from None
+  return data, name
+
+
+def load_tree(name_or_path: Union[str, os.PathLike, Sequence, CompiledTree],
+              num_heads: Optional[int] = None, max_topk: Optional[int] = None) -> CompiledTree:
+  """A preset name, a JSON file (a list of paths or {"paths": [...]}), or paths themselves."""
+  if isinstance(name_or_path, CompiledTree):
+    return compile_tree(name_or_path.paths, num_heads, max_topk, name=name_or_path.name)
+  if isinstance(name_or_path, (list, tuple)):
+    return compile_tree(name_or_path, num_heads, max_topk)
+  spec = os.fspath(name_or_path)
+  presets = preset_trees()
+  if spec in presets and not os.path.exists(spec):
+    paths, name = presets[spec], spec
+  elif os.path.exists(spec) or spec.endswith(".json") or os.sep in spec:
+    paths, name = _paths_from_file(Path(spec))
+  else:
+    raise TreeError(f"unknown tree {spec!r}: give a JSON file or one of the presets "
+                    f"{', '.join(sorted(presets))}")
+  return compile_tree(paths, num_heads, max_topk, name=name)
+
+
+# ----------------------------------------------------------------------------------------
+# Expected acceptance and greedy tree growing
+
+
+def _check_acc(acc: Any) -> np.ndarray:
+  acc = np.asarray(acc, np.float64)
+  if acc.ndim != 2:
+    raise ValueError(f"accuracies must be [depth, top-k], got shape {acc.shape}")
+  if not np.all(np.isfinite(acc)) or acc.min() < 0 or acc.max() > 1:
+    raise ValueError("accuracies are probabilities: every entry must lie in [0, 1]")
+  return acc
+
+
+def expected_accept_length(tree: Union[CompiledTree, Sequence], acc_DxK: Any) -> float:
+  """Expected tokens per step, bonus included, under the independence model.
+
+  The node at depth d with rank r is the right token with probability acc[d-1, r] given that
+  its parent was. The right tokens form one chain, so the accept length is 1 + the number of
+  right nodes and, by linearity, 1 + sum over nodes of the product of acc along its path.
+  """
+  if not isinstance(tree, CompiledTree):
+    tree = compile_tree(tree)
+  acc = _check_acc(acc_DxK)
+  if tree.depth > acc.shape[0] or tree.topk > acc.shape[1]:
+    raise ValueError(f"accuracies of shape {acc.shape} do not cover a tree of depth {tree.depth} "
+                     f"and top-{tree.topk}")
+  prob = np.ones(tree.num_nodes)
+  for i in range(1, tree.num_nodes):  # parents precede children
+    prob[i] = prob[tree.parents[i]] * acc[tree.depths[i] - 1, tree.ranks[i]]
+  return float(prob.sum())  # the root's 1 is the bonus token
+
+
+def grow_tree(acc_DxK: Any, num_nodes: int) -> List[List[int]]:
+  """The `num_nodes`-node tree (root excluded) maximising `expected_accept_length`.
+
+  Greedy: keep a frontier of candidate children of the tree so far and add the one with the
+  highest path probability. Since acc <= 1, a child is never more likely than its parent, so
+  the num_nodes most likely nodes form a valid (prefix-closed) tree and greedy finds it: it is
+  optimal, not a heuristic. Ties go to the shorter, then lexicographically smaller path, so
+  the result is reproducible. Depth <= acc.shape[0], ranks < acc.shape[1].
+  """
+  acc = _check_acc(acc_DxK)
+  depth, topk = acc.shape
+  capacity = sum(topk ** d for d in range(1, depth + 1))
+  if not 1 <= num_nodes <= capacity:
+    raise ValueError(f"num_nodes must lie in [1, {capacity}] for depth {depth} and top-{topk}, "
+                     f"got {num_nodes}")
+  frontier = [(-float(acc[0, r]), 1, (r,)) for r in range(topk)]
+  heapq.heapify(frontier)
+  chosen = []
+  while len(chosen) < num_nodes:
+    neg, length, path = heapq.heappop(frontier)
+    chosen.append(path)
+    if length < depth:
+      for r in range(topk):
+        heapq.heappush(frontier, (neg * float(acc[length, r]), length + 1, path + (r,)))
+  return [list(p) for p in sorted(chosen, key=lambda p: (len(p), p))]
+
+
+# ----------------------------------------------------------------------------------------
+# How the grown presets in presets/trees.json were made (rerun `python -m
+# hydra_jax.decoding.tree` to regenerate the file; tests check it is reproducible).
+#
+# Model: the depth-d candidate of rank r is right with probability acc[d-1, r] given its
+# parent was right, acc[d-1, r] = a_d * rho**r, where a_d = 0.56, 0.32, 0.20, 0.15 are
+# Medusa-1's per-head top-1 accuracies on Vicuna-7B (reference doc section 5) used as
+# conditional accuracies, and rho = 1 - a_1 = 0.44, the largest geometric rank decay that
+# keeps every depth's probabilities summing to <= 1 (mutually exclusive candidates). Top-10
+# ranks, depth 4 (4 heads). `grow_tree` then picks the N most likely nodes, which is the
+# N-node tree with the highest expected accept length under this model. Sizes N = 2^k - 1,
+# so that root + N tree tokens fill a power of two. Under the same model mc_sim_7b_63 scores
+# 2.69 and greedy_63 2.73.
+#
+# The other presets: mc_sim_7b_63 and single are copied verbatim from the reference trees
+# (shared/data/reference_trees.json); chain_4 is the depth-4 chain of top-1 tokens.
+
+PRESET_TOP1_ACCURACY = (0.56, 0.32, 0.20, 0.15)
+PRESET_RANK_DECAY = 1.0 - PRESET_TOP1_ACCURACY[0]
+PRESET_TOPK = 10
+PRESET_GROWN_SIZES = (7, 15, 31, 63, 127)
+REFERENCE_PRESETS = ("mc_sim_7b_63", "single")
+
+
+def preset_accuracies(top1: Sequence[float] = PRESET_TOP1_ACCURACY,
+                      decay: float = PRESET_RANK_DECAY, topk: int = PRESET_TOPK) -> np.ndarray:
+  """acc [D, K] = top1[d] * decay**r: the accuracy model the grown presets were built with."""
+  top1 = np.asarray(top1, np.float64)
+  return top1[:, None] * decay ** np.arange(topk, dtype=np.float64)[None, :]
+
+
+def build_presets(reference: Dict[str, Any]) -> Dict[str, List[List[int]]]:
+  """All presets: the reference trees copied, the chain, and the grown trees."""
+  out = {name: [list(p) for p in reference[name]] for name in REFERENCE_PRESETS if name in reference}
+  out["chain_4"] = [[0] * d for d in range(1, 5)]
+  acc = preset_accuracies()
+  for n in PRESET_GROWN_SIZES:
+    out[f"greedy_{n}"] = grow_tree(acc, n)
+  return out
+
+
+def _dump_presets(presets: Dict[str, List[List[int]]]) -> str:
+  # One tree per line, like the reference file: diffable and still short.
+  lines = [f"  {json.dumps(name)}: {json.dumps(paths)}" for name, paths in presets.items()]
+  return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
+if __name__ == "__main__":
+  import argparse
+  parser = argparse.ArgumentParser(description="Regenerates presets/trees.json.")
+  parser.add_argument("--reference", default=str(PRESETS_FILE),
+                      help="JSON holding the reference trees to copy (mc_sim_7b_63, single)")
+  parser.add_argument("--out", default=str(PRESETS_FILE))
+  args = parser.parse_args()
+  with open(args.reference) as f:
+    presets = build_presets(json.load(f))
+  Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+  with open(args.out, "w") as f:
+    f.write(_dump_presets(presets))
+  acc = preset_accuracies()
+  for name, paths in presets.items():
+    tree = compile_tree(paths, name=name)
+    print(f"{tree.describe()}; expected accept length {expected_accept_length(tree, acc):.3f}")

@@ -1,0 +1,1 @@
+"""Head distillation: data pipeline, train step and trainer."""

@@ -1,0 +1,241 @@
+"""The speculative engine is lossless: its greedy output equals transformers' greedy generate.
+
+References we did not write: transformers' PyTorch `generate(do_sample=False)` on the same
+random weights, and a fresh full forward of our base model over the accepted sequence.
+Drafters: the real heads (random, non-zero weights), a perfect drafter that knows the greedy
+continuation (full acceptance along a chosen path), and a noisy oracle (partial acceptance).
+"""
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import pytest
+import torch
+
+from hydra_jax.checkpoint.hf import load_hf_model
+from hydra_jax.decoding import speculative as spec
+from hydra_jax.decoding.tree import compile_tree, load_tree
+from hydra_jax.model.heads import HeadsConfig, init_heads, DraftHeads
+from hydra_jax.model.llama import LlamaModel
+from hydra_jax.testing import make_hf_model
+
+STOP_NONE = jnp.zeros((0,), jnp.int32)
+
+
+def _randomize(params, seed, scale=0.05):
+  """Heads are zero-initialised in places; perturb every leaf so they compute something."""
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  leaves = [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+  return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def base(request, tmp_path_factory):
+  path = str(tmp_path_factory.mktemp(request.param))
+  torch_model = make_hf_model(path, model_type=request.param, vocab_size=256, hidden_size=64,
+                              intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                              weight_std=0.15, tokenizer=False,
+                              tie_word_embeddings=request.param == "qwen2")
+  return torch_model, load_hf_model(path, tokenizer=False)
+
+
+PROMPTS = [[5, 17, 42, 9, 100, 7, 3 + 60], [11, 12], [200, 201, 202, 203, 204]]
+
+
+def _hf_greedy(torch_model, prompt, n):
+  with torch.no_grad():
+    out = torch_model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n,
+                               do_sample=False, eos_token_id=None, pad_token_id=0)
+  return out[0, len(prompt):].tolist()
+
+
+def _pad(prompts):
+  p = max(len(x) for x in prompts)
+  arr = np.zeros((len(prompts), p), np.int32)
+  for i, x in enumerate(prompts):
+    arr[i, :len(x)] = x
+  return jnp.asarray(arr), jnp.asarray([len(x) for x in prompts], jnp.int32)
+
+
+def _run(hm, heads_cfg, heads_params, tree, prompts, max_new, stop_ids=STOP_NONE,
+         drafter_factory=spec.heads_drafter, cache_len=128):
+  models = spec.SpecModels(hm.config, heads_cfg, tree)
+  toks, lens = _pad(prompts)
+  st = spec.speculative_generate(models, cache_len, drafter_factory, hm.params, heads_params,
+                                 toks, lens, jnp.int32(max_new), stop_ids)
+  outs = []
+  for b in range(len(prompts)):
+    outs.append(np.asarray(st.out_BxC[b, :int(st.num_out_B[b])]).tolist())
+  return st, outs
+
+
+def _heads(hm, arch, seed=1, **kw):
+  layers = 2 if arch != "hydra++" else 2
+  cfg = HeadsConfig.for_base(hm.config, arch, num_heads=4, num_layers=layers, **kw)
+  params = init_heads(cfg, hm.config, hm.params, jax.random.PRNGKey(seed))
+  return cfg, _randomize(params, seed)
+
+
+@pytest.mark.parametrize("arch,tree_name,batch", [
+    ("medusa", "mc_sim_7b_63", 3), ("hydra", "mc_sim_7b_63", 3), ("hydra++", "mc_sim_7b_63", 3),
+    ("hydra", "chain_4", 1), ("medusa", "greedy_15", 1), ("hydra++", "greedy_31", 3)])
+def test_lossless_with_real_heads(base, arch, tree_name, batch):
+  torch_model, hm = base
+  cfg, params = _heads(hm, arch)
+  n = 12
+  prompts = PROMPTS[:batch]
+  refs = [_hf_greedy(torch_model, p, n) for p in prompts]
+  st, outs = _run(hm, cfg, params, load_tree(tree_name, num_heads=4), prompts, n)
+  assert outs == refs
+
+
+def _leaf(tree, i):
+  """The i-th full-depth leaf path of the tree (i = -1: the last, far from the first)."""
+  return [list(p) for p in tree.paths if len(p) == tree.depth][i]
+
+
+def _oracle_factory(continuation, path, corrupt_every=0):
+  """A drafter that places the true greedy continuation on one leaf path of the tree.
+
+  continuation[b, i] is the i-th new token of row b. With corrupt_every=c > 0, the token at
+  depth (step % D) + 1 is wrong on steps divisible by c, so acceptance stops there.
+  """
+  cont = jnp.asarray(continuation)
+
+  def factory(models, base_params, heads_params):
+    tree = models.tree
+    nodes = [0]
+    for d in range(1, len(path) + 1):
+      nodes.append(tree.paths.index(tuple(path[:d])) + 1)
+    b = cont.shape[0]
+
+    def drafter(inp):
+      tokens = jnp.zeros((b, tree.num_nodes), jnp.int32) + 1
+      for d in range(1, len(nodes)):
+        idx = jnp.clip(inp.num_out_B - 1 + d, 0, cont.shape[1] - 1)
+        true = cont[jnp.arange(b), idx]
+        if corrupt_every:
+          bad = (inp.step % corrupt_every == 0) & (inp.step % tree.depth + 1 == d)
+          true = jnp.where(bad, (true + 1) % models.base_cfg.vocab_size, true)
+        tokens = tokens.at[:, nodes[d]].set(true)
+      return tokens
+    return drafter
+  return factory
+
+
+def test_perfect_drafter_accepts_full_depth(base):
+  torch_model, hm = base
+  cfg, params = _heads(hm, "hydra")
+  n = 21
+  refs = [_hf_greedy(torch_model, p, n + 8) for p in PROMPTS]
+  cont = np.asarray([r for r in refs])
+  tree = load_tree("mc_sim_7b_63")
+  last_leaf = _leaf(tree, -1)
+  for path in ([0] * tree.depth, last_leaf):
+    st, outs = _run(hm, cfg, params, tree, PROMPTS, n, drafter_factory=_oracle_factory(cont, path))
+    assert outs == [r[:n] for r in refs]
+    acc = np.asarray(st.accepted_BxC)
+    steps = np.asarray(st.steps_B)
+    for b in range(len(PROMPTS)):
+      # 1 prefill token, then 5 per step: 4 steps give 21 tokens.
+      assert steps[b] == 4
+      assert (acc[b, :steps[b]] == tree.depth + 1).all()
+
+
+def test_noisy_oracle_partial_acceptance_is_lossless(base):
+  torch_model, hm = base
+  cfg, params = _heads(hm, "hydra++")
+  n = 20
+  refs = [_hf_greedy(torch_model, p, n + 8) for p in PROMPTS]
+  tree = load_tree("mc_sim_7b_63")
+  st, outs = _run(hm, cfg, params, tree, PROMPTS, n,
+                  drafter_factory=_oracle_factory(np.asarray(refs), _leaf(tree, 1), corrupt_every=2))
+  assert outs == [r[:n] for r in refs]
+  acc = np.asarray(st.accepted_BxC)[0, :int(st.steps_B[0])]
+  assert len(set(acc.tolist())) > 1  # several different accept lengths happened
+
+
+def test_next_logits_equal_full_forward_after_non_first_path(base):
+  torch_model, hm = base
+  cfg, params = _heads(hm, "hydra")
+  tree = load_tree("mc_sim_7b_63")
+  refs = [_hf_greedy(torch_model, p, 12) for p in PROMPTS]
+  last_leaf = _leaf(tree, -1)
+  models = spec.SpecModels(hm.config, cfg, tree)
+  toks, lens = _pad(PROMPTS)
+  state = spec.prefill(models, hm.params, params, toks, lens, 128, jnp.int32(50), STOP_NONE)
+  drafter = _oracle_factory(np.asarray(refs), last_leaf)(models, hm.params, params)
+  state = spec.spec_step(models, hm.params, params, drafter, state, jnp.int32(50), STOP_NONE)
+  assert (np.asarray(state.accepted_BxC)[:, 0] == tree.depth + 1).all()
+  # One more plain decode step on the compacted cache vs a fresh full forward.
+  model = LlamaModel(hm.config)
+  from hydra_jax.model.masks import cache_causal_mask
+  cache = state.cache
+  logits, _, _ = model.apply({"params": hm.params}, state.root_B[:, None],
+                             cache.lengths[:, None], cache,
+                             cache_causal_mask(cache.lengths, 1, cache.max_len))
+  for b, prompt in enumerate(PROMPTS):
+    seq = prompt + np.asarray(state.out_BxC[b, :int(state.num_out_B[b])]).tolist()
+    full, _, _ = model.apply({"params": hm.params}, jnp.asarray([seq]),
+                             jnp.arange(len(seq))[None, :])
+    np.testing.assert_allclose(np.asarray(logits[b, 0]), np.asarray(full[0, -1]), atol=1e-4)
+
+
+def test_hydra_pp_decoding_head_logits_equal_training_forward(base):
+  torch_model, hm = base
+  cfg, params = _heads(hm, "hydra++")
+  tree = load_tree("mc_sim_7b_63")
+  refs = [_hf_greedy(torch_model, p, 30) for p in PROMPTS]
+  models = spec.SpecModels(hm.config, cfg, tree)
+  toks, lens = _pad(PROMPTS)
+  big = jnp.int32(100)  # no truncation: every committed token is also emitted
+  st = spec.prefill(models, hm.params, params, toks, lens, 128, big, STOP_NONE)
+  drafter = _oracle_factory(np.asarray(refs), _leaf(tree, -1), corrupt_every=3)(
+      models, hm.params, params)
+  step = jax.jit(lambda s: spec.spec_step(models, hm.params, params, drafter, s, big, STOP_NONE))
+  for _ in range(4):
+    st = step(st)
+  assert len(set(np.asarray(st.accepted_BxC)[0, :4].tolist())) > 1
+  heads = DraftHeads(cfg, hm.config)
+  model = LlamaModel(hm.config)
+  emb = hm.params["embed_tokens"]["embedding"]
+  for b, prompt in enumerate(PROMPTS):
+    out = np.asarray(st.out_BxC[b, :int(st.num_out_B[b])]).tolist()
+    # committed context = prompt + all emitted tokens but the last (the next root)
+    seq = prompt + out[:-1]
+    assert int(st.cache.lengths[b]) == len(seq)
+    ids = jnp.asarray([seq])
+    pos = jnp.arange(len(seq))[None, :]
+    _, hidden, _ = model.apply({"params": hm.params}, ids, pos)
+    g_full, _ = heads.apply({"params": params}, hidden, pos, None, None, True, method="context")
+    np.testing.assert_allclose(np.asarray(st.context_BxE[b]), np.asarray(g_full[0, -1]),
+                               atol=2e-5)
+    root = jnp.asarray([out[-1]])
+    path = jnp.take(emb, root, axis=0)[:, None, :]
+    dec = heads.apply({"params": params}, 0, st.context_BxE[b:b + 1], path, True,
+                      method="head_logits")
+    full = heads.apply({"params": params}, 0, g_full[:, -1], path, True, method="head_logits")
+    np.testing.assert_allclose(np.asarray(dec), np.asarray(full), atol=1e-4)
+
+
+def test_per_row_stop_and_max_tokens(base):
+  torch_model, hm = base
+  cfg, params = _heads(hm, "medusa")
+  n = 16
+  refs = [_hf_greedy(torch_model, p, n) for p in PROMPTS]
+  stop = refs[1][5]  # row 1 stops at its 6th token (maybe others earlier, also fine)
+  st, outs = _run(hm, cfg, params, load_tree("mc_sim_7b_63"), PROMPTS, n,
+                  stop_ids=jnp.asarray([stop], jnp.int32))
+  for r, o in zip(refs, outs):
+    expect = r[:r.index(stop) + 1] if stop in r else r
+    assert o == expect
+  assert int(st.finish_B[1]) == spec.FINISH_STOP
+
+
+def test_tree_deeper_than_heads_is_refused(base):
+  _, hm = base
+  cfg = HeadsConfig.for_base(hm.config, "hydra", num_heads=2, num_layers=1)
+  params = init_heads(cfg, hm.config, hm.params, jax.random.PRNGKey(0))
+  with pytest.raises(ValueError, match="draft heads"):
+    _run(hm, cfg, params, load_tree("chain_4"), PROMPTS[:1], 4)
