@@ -155,6 +155,11 @@ def from_hf_config(hf: Mapping[str, Any], where: str = "config.json") -> ModelCo
     raise UnsupportedModelError(f"{where}: hidden_act {act!r} is not supported (only 'silu')")
   if hf.get("mlp_bias", False):
     raise UnsupportedModelError(f"{where}: mlp_bias=true is not supported")
+  if model_type == "llama" and hf.get("attention_bias", False):
+    # HF's llama puts this bias on o_proj too; our attention_bias is q/k/v only (Qwen2).
+    raise UnsupportedModelError(
+        f"{where}: attention_bias=true is not supported for model_type 'llama' (it adds an "
+        f"o_proj bias); only Qwen2-style q/k/v biases are")
   if hf.get("pretraining_tp", 1) not in (1, None):
     # pretraining_tp only changes how HF splits matmuls; the math is the same.
     pass
@@ -233,7 +238,10 @@ def to_hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict:
       "torch_dtype": dtype,
   }
   if cfg.model_type == "llama":
-    out["attention_bias"] = cfg.attention_bias
+    if cfg.attention_bias:
+      raise UnsupportedModelError("a llama config.json cannot express q/k/v-only biases "
+                                  "(attention_bias=true adds an o_proj bias): export as qwen2")
+    out["attention_bias"] = False
     out["mlp_bias"] = False
   if cfg.model_type == "mistral":
     out["sliding_window"] = None
