@@ -1,0 +1,117 @@
+"""Decode prompts with a Hugging Face model directory (a thin CLI over `hydra_jax.generate`).
+
+  python decode.py --model DIR --prompt "Once upon a time" --max-new-tokens 64
+  python decode.py --model DIR --prompts-file prompts.jsonl --chat --max-new-tokens 128 \
+      --temperature 0.7 --top-p 0.9 --batch-size 4 --json
+
+--prompts-file holds one JSON object per line, with "prompt" (text) or "prompt_ids" (token ids,
+used as is). --json prints one JSON object per prompt on stdout, in input order; logs go to
+stderr. Bad input exits with code 2 and a message, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import List, Union
+
+
+class UsageError(ValueError):
+  pass
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--model", required=True, help="Hugging Face model directory")
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--prompt", help="one text prompt")
+  src.add_argument("--prompts-file", help='JSONL: {"prompt": TEXT} or {"prompt_ids": [ids]}')
+  p.add_argument("--chat", action="store_true", help="render text prompts with the chat template")
+  p.add_argument("--max-new-tokens", type=int, required=True)
+  p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+  p.add_argument("--top-k", type=int, default=0, help="0 = off")
+  p.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--batch-size", type=int, default=1)
+  p.add_argument("--stop-ids", type=int, nargs="*", default=None,
+                 help="extra stop token ids (the model's EOS ids always stop)")
+  p.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  p.add_argument("--cache-len", "--max-cache-len", dest="cache_len", type=int, default=None,
+                 help="KV cache slots per row (default: prompt + max new tokens, bucketed)")
+  return p.parse_args(argv)
+
+
+def read_prompts_file(path: str) -> List[Union[str, List[int]]]:
+  try:
+    with open(path) as f:
+      lines = f.readlines()
+  except OSError as e:
+    raise UsageError(f"cannot read --prompts-file {path}: {e.strerror}")
+  prompts = []
+  for n, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      obj = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise UsageError(f"{path}:{n}: not valid JSON ({e.msg})")
+    if isinstance(obj, dict) and isinstance(obj.get("prompt_ids"), list):
+      if not all(isinstance(x, int) and not isinstance(x, bool) for x in obj["prompt_ids"]):
+        raise UsageError(f"{path}:{n}: \"prompt_ids\" must be a list of integer token ids")
+      prompts.append(obj["prompt_ids"])
+    elif isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
+      prompts.append(obj["prompt"])
+    else:
+      raise UsageError(f"{path}:{n}: expected an object with \"prompt\" (text) or "
+                       f"\"prompt_ids\" (list of token ids)")
+  if not prompts:
+    raise UsageError(f"{path} holds no prompts")
+  return prompts
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  # Our progress at INFO on stderr; other libraries' loggers keep their defaults.
+  handler = logging.StreamHandler(sys.stderr)
+  handler.setFormatter(logging.Formatter("%(message)s"))
+  logger = logging.getLogger("hydra_jax")
+  logger.addHandler(handler)
+  logger.setLevel(logging.INFO)
+  # Heavy imports after argument parsing, so --help and usage errors are instant.
+  from hydra_jax.checkpoint.hf import CheckpointError
+  from hydra_jax.decoding.api import DecodeInputError, generate, load_model
+  from hydra_jax.model.config import UnsupportedModelError
+
+  try:
+    prompts = read_prompts_file(args.prompts_file) if args.prompts_file else [args.prompt]
+    model = load_model(args.model, dtype=args.dtype)
+    results = generate(model, prompts, args.max_new_tokens, temperature=args.temperature,
+                       top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                       batch_size=args.batch_size, chat=args.chat, stop_ids=args.stop_ids,
+                       cache_len=args.cache_len)
+  except (UsageError, DecodeInputError, CheckpointError, UnsupportedModelError) as e:
+    print(f"decode.py: error: {e}", file=sys.stderr)
+    return 2
+
+  for r in results:
+    if args.json:
+      print(json.dumps(r.to_json()), flush=True)
+    else:
+      print(r.text if r.text is not None else " ".join(map(str, r.output_ids)), flush=True)
+  new = sum(r.new_tokens for r in results)
+  # Rows of a batch share its wall time: count each batch once.
+  batches = {r.batch: (r.time_s, r.compile_s) for r in results}
+  run_s = sum(t for t, _ in batches.values())
+  compile_s = sum(c for _, c in batches.values())
+  summary = (f"{len(results)} prompt(s), {new} new tokens in {run_s:.3f}s "
+             f"({new / max(run_s, 1e-9):.1f} tokens/s), "
+             f"{sum(r.steps for r in results)} base steps, compile {compile_s:.2f}s")
+  print(summary, file=sys.stderr if args.json else sys.stdout)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,269 @@
+"""The library entry points: `load_model` and `generate`.
+
+`generate` is a pipeline of small functions that a speculative engine reuses as they are:
+`encode_prompts` (text / chat / token ids -> validated ids), `plan_shapes` (bucketed padded
+prompt length and cache length, so that new prompts and max_new_tokens rarely recompile),
+`prepare_batch` (right-padded batches in input order, dummy rows to keep shapes) and
+`make_results` (host-side outputs -> GenerationResult). Only `engine.run` is mode-specific.
+
+    model = load_model("path/to/hf_dir", dtype="bfloat16")
+    [res] = generate(model, ["Once upon a time"], max_new_tokens=64, temperature=0.7, top_p=0.9)
+    print(res.text, res.tokens_per_s)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import jax.numpy as jnp
+import numpy as np
+
+from hydra_jax.checkpoint.hf import HFModel, load_hf_model
+from hydra_jax.decoding.autoregressive import (FINISH_REASONS, AutoregressiveEngine, BatchOutput,
+                                               StopCriteria)
+from hydra_jax.decoding.sampling import SamplingParams
+
+log = logging.getLogger("hydra_jax.decoding")
+
+Prompt = Union[str, Sequence[int]]
+
+PROMPT_BUCKET = 16  # padded prompt lengths are multiples of this
+CACHE_BUCKET = 128  # default cache lengths are multiples of this (capped by max positions)
+
+
+class DecodeInputError(ValueError):
+  """Bad input to generate / decode.py (empty prompt, prompt longer than the cache, ...)."""
+
+
+@dataclasses.dataclass
+class GenerationResult:
+  prompt_ids: List[int]
+  output_ids: List[int]  # new tokens only; the stop token is included when one was generated
+  text: Optional[str]  # decoded output_ids (None without a tokenizer)
+  new_tokens: int
+  steps: int  # base-model forward passes after prefill while this row ran
+  tokens_per_s: float  # new_tokens / wall time of its batch (prefill + decode, no compile)
+  finish_reason: str  # "eos" | "stop" | "length" | "cache_full"
+  time_s: float = 0.0  # wall time of its batch, compile excluded
+  compile_s: float = 0.0  # compile time spent before its batch (0 when reused)
+  batch: int = 0  # index of the batch it ran in (rows of a batch share time_s)
+  extra: Dict[str, Any] = dataclasses.field(default_factory=dict)  # mode-specific stats
+
+  def to_json(self) -> Dict[str, Any]:
+    out = {"output_ids": self.output_ids, "text": self.text, "new_tokens": self.new_tokens,
+           "steps": self.steps, "tokens_per_s": self.tokens_per_s,
+           "finish_reason": self.finish_reason, "prompt_tokens": len(self.prompt_ids),
+           "time_s": self.time_s, "compile_s": self.compile_s}
+    out.update(self.extra)
+    return out
+
+
+# --- loading -------------------------------------------------------------------------------
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def load_model(path: str, dtype: str = "float32", tokenizer: bool = True) -> HFModel:
+  """Loads a Hugging Face model directory; `dtype` is both the param and the compute dtype."""
+  if str(dtype) not in _DTYPES:
+    raise DecodeInputError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+  dt = _DTYPES[str(dtype)]
+  return load_hf_model(path, param_dtype=dt, dtype=dt, tokenizer=tokenizer)
+
+
+def eos_ids(model: HFModel) -> Tuple[int, ...]:
+  """EOS ids from config.json and, when present, generation_config.json (Llama-3 lists two)."""
+  ids = set(model.config.eos_token_ids)
+  gen_file = os.path.join(model.path or "", "generation_config.json")
+  if model.path and os.path.isfile(gen_file):
+    with open(gen_file) as f:
+      eos = json.load(f).get("eos_token_id")
+    ids |= set(eos if isinstance(eos, list) else ([] if eos is None else [eos]))
+  return tuple(sorted(int(i) for i in ids))
+
+
+# --- prompts and shapes ----------------------------------------------------------------------
+
+
+def normalize_prompts(prompts) -> List[Prompt]:
+  """A single string or a single list of ids is one prompt; otherwise a list of prompts."""
+  if isinstance(prompts, str):
+    return [prompts]
+  prompts = list(prompts)
+  if prompts and all(isinstance(p, (int, np.integer)) for p in prompts):
+    return [prompts]
+  return prompts
+
+
+def encode_prompts(model: HFModel, prompts, chat: bool = False) -> List[List[int]]:
+  """Text (optionally through the chat template) or token ids -> validated token id lists."""
+  prompts = normalize_prompts(prompts)
+  if not prompts:
+    raise DecodeInputError("no prompts given")
+  tok = model.tokenizer
+  out = []
+  for i, p in enumerate(prompts):
+    if isinstance(p, str):
+      if not p:
+        raise DecodeInputError(f"prompt {i} is empty: give at least one character or token id")
+      if tok is None:
+        raise DecodeInputError(f"prompt {i} is text but {model.path} has no tokenizer: pass "
+                               f"token ids (\"prompt_ids\") instead")
+      if chat:
+        if not getattr(tok, "chat_template", None):
+          raise DecodeInputError(f"--chat: the tokenizer in {model.path} has no chat template; "
+                                 f"drop --chat or use a model directory whose tokenizer_config "
+                                 f"has one")
+        text = tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                       add_generation_prompt=True)
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+      else:
+        ids = tok(p)["input_ids"]
+    else:
+      ids = [int(x) for x in p]
+    if not ids:
+      raise DecodeInputError(f"prompt {i} is empty: give at least one character or token id")
+    bad = [x for x in ids if not 0 <= x < model.config.vocab_size]
+    if bad:
+      raise DecodeInputError(f"prompt {i} has token id {bad[0]} outside the vocabulary "
+                             f"[0, {model.config.vocab_size})")
+    out.append(ids)
+  return out
+
+
+def _round_up(x: int, m: int) -> int:
+  return -(-x // m) * m
+
+
+def plan_shapes(prompt_lens: Sequence[int], max_new_tokens: int, max_positions: int,
+                cache_len: Optional[int] = None, extra_slots: int = 0) -> Tuple[int, int]:
+  """(padded prompt length P, cache length S), bucketed so that shapes repeat across calls.
+
+  By default S = prompt + max_new_tokens (+ `extra_slots`, e.g. a speculative tree) rounded up
+  to a multiple of 128 and capped at the model's max positions: another max_new_tokens in the
+  same bucket, or another prompt of the same padded length, reuses the compiled code.
+  """
+  longest = max(prompt_lens)
+  if longest > max_positions:
+    raise DecodeInputError(f"a prompt has {longest} tokens but the model handles at most "
+                           f"{max_positions} positions (max_position_embeddings): shorten it")
+  if cache_len is None:
+    cache_len = min(_round_up(longest + max_new_tokens + extra_slots, CACHE_BUCKET), max_positions)
+  elif cache_len > max_positions:
+    raise DecodeInputError(f"cache length {cache_len} exceeds the model's "
+                           f"max_position_embeddings {max_positions}: pass --cache-len <= "
+                           f"{max_positions}")
+  if longest + extra_slots >= cache_len:
+    raise DecodeInputError(f"a prompt has {longest} tokens, which leaves no room in a KV cache "
+                           f"of {cache_len} slots: shorten the prompt or pass a larger "
+                           f"--cache-len / cache_len (at most {max_positions})")
+  return min(_round_up(longest, PROMPT_BUCKET), cache_len), cache_len
+
+
+@dataclasses.dataclass
+class PreparedBatch:
+  tokens: np.ndarray  # int32 [B, P], right-padded
+  lengths: np.ndarray  # int32 [B]
+  active: np.ndarray  # bool [B]: False for dummy rows that fill the last batch
+  row_ids: np.ndarray  # int32 [B]: index of the prompt in the caller's list
+  indices: List[int]  # the real rows' prompt indices, in order
+
+
+def prepare_batch(prompt_ids: Sequence[Sequence[int]], start: int, batch_size: int,
+                  padded_len: int, pad_id: int = 0) -> PreparedBatch:
+  """Prompts [start, start + batch_size) as one right-padded batch of exactly batch_size rows."""
+  indices = list(range(start, min(start + batch_size, len(prompt_ids))))
+  tokens = np.full((batch_size, padded_len), pad_id, np.int32)
+  lengths = np.ones((batch_size,), np.int32)  # dummy rows: one pad token, never decoded
+  active = np.zeros((batch_size,), bool)
+  row_ids = np.full((batch_size,), -1, np.int32)
+  for r, i in enumerate(indices):
+    ids = prompt_ids[i]
+    tokens[r, :len(ids)] = ids
+    lengths[r], active[r], row_ids[r] = len(ids), True, i
+  return PreparedBatch(tokens, lengths, active, row_ids, indices)
+
+
+def make_results(model: HFModel, prompt_ids: Sequence[Sequence[int]], batch: PreparedBatch,
+                 out: BatchOutput, batch_index: int = 0) -> List[GenerationResult]:
+  """One GenerationResult per real row of a finished batch."""
+  results = []
+  for r, i in enumerate(batch.indices):
+    n = int(out.num_generated[r])
+    ids = [int(x) for x in out.tokens[r, :n]]
+    text = (model.tokenizer.decode(ids, skip_special_tokens=True)
+            if model.tokenizer is not None else None)
+    results.append(GenerationResult(
+        prompt_ids=list(prompt_ids[i]), output_ids=ids, text=text, new_tokens=n,
+        steps=int(out.steps[r]), tokens_per_s=n / out.run_s if out.run_s > 0 else 0.0,
+        finish_reason=FINISH_REASONS[int(out.finish[r])], time_s=out.run_s,
+        compile_s=out.compile_s, batch=batch_index,
+        extra={k: np.asarray(v[r]).tolist() for k, v in out.extra.items()}))
+  return results
+
+
+# --- generate --------------------------------------------------------------------------------
+
+_ENGINES: Dict[Tuple, AutoregressiveEngine] = {}
+
+
+def get_engine(model: HFModel) -> AutoregressiveEngine:
+  """One engine (and its compiled executables) per (model config, compute dtype)."""
+  key = (model.config, str(jnp.dtype(model.dtype)))
+  if key not in _ENGINES:
+    _ENGINES[key] = AutoregressiveEngine(model.config, model.dtype)
+  return _ENGINES[key]
+
+
+def generate(model: Union[HFModel, str], prompts, max_new_tokens: int, *,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+             batch_size: Optional[int] = None, chat: bool = False,
+             stop_ids: Optional[Sequence[int]] = None,
+             cache_len: Optional[int] = None) -> List[GenerationResult]:
+  """Decodes each prompt (text or token ids); results in input order.
+
+  Greedy at temperature 0, else sampling with top-k (0 = off) and top-p (1.0 = off). Each
+  row stops on the model's EOS ids or `stop_ids` (the stop token is kept in output_ids), after
+  max_new_tokens, or when prompt + output fill the cache ("cache_full"). Prompts run in
+  batches of `batch_size` (default: all at once); the last batch is padded with dummy rows.
+  """
+  if isinstance(model, str):
+    model = load_model(model)
+  if int(max_new_tokens) < 1:
+    raise DecodeInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  try:
+    sampling = SamplingParams.make(temperature, top_k, top_p)
+  except ValueError as e:
+    raise DecodeInputError(str(e)) from e
+  ids = encode_prompts(model, prompts, chat=chat)
+  batch_size = len(ids) if batch_size is None else int(batch_size)
+  if batch_size < 1:
+    raise DecodeInputError(f"batch_size must be >= 1, got {batch_size}")
+  padded_len, cache_len = plan_shapes([len(x) for x in ids], int(max_new_tokens),
+                                      model.config.max_position_embeddings, cache_len)
+  stop = StopCriteria.make(int(max_new_tokens), eos_ids(model), stop_ids or ())
+  engine = get_engine(model)
+  pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+
+  results: List[GenerationResult] = []
+  for start in range(0, len(ids), batch_size):
+    batch = prepare_batch(ids, start, batch_size, padded_len, pad_id)
+    out = engine.run(model.params, batch.tokens, batch.lengths, batch.active, batch.row_ids,
+                     sampling, stop, seed, cache_len)
+    if out.compile_s > 0:
+      log.info("compiled for batch %d x prompt %d, cache %d in %.2fs", batch_size, padded_len,
+               cache_len, out.compile_s)
+    new = int(out.num_generated[batch.active].sum())
+    log.info("prompts %d-%d: %d new tokens in %.3fs (%.1f tokens/s)", batch.indices[0],
+             batch.indices[-1], new, out.run_s, new / max(out.run_s, 1e-9))
+    results += make_results(model, ids, batch, out, start // batch_size)
+  return results
+
+
+__all__ = ["DecodeInputError", "GenerationResult", "PreparedBatch", "eos_ids", "encode_prompts",
+           "generate", "get_engine", "load_model", "make_results", "normalize_prompts",
+           "plan_shapes", "prepare_batch"]

@@ -1,0 +1,127 @@
+"""Next-token sampling: temperature, top-k and top-p (nucleus), all as traced scalars.
+
+Changing any knob never recompiles: temperature 0 selects greedy argmax through a traced
+`lax.cond`, top-k uses a sort with a traced k (0 = off), top-p a cumulative sum over the same
+sort (1.0 = off). `process_logits` returns the exact distribution that `sample` draws from, so
+lossless speculative sampling can compare draft and target distributions with it.
+
+Legend: B batch rows, V vocab.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import flax
+import jax
+import jax.numpy as jnp
+
+Scalar = Union[float, int, jax.Array]
+
+
+@flax.struct.dataclass
+class SamplingParams:
+  """The three knobs as traced scalars (a pytree, so it passes through jit without recompiles)."""
+  temperature: jax.Array  # f32 []; 0 = greedy
+  top_k: jax.Array  # int32 []; 0 = off
+  top_p: jax.Array  # f32 []; 1.0 = off
+
+  @classmethod
+  def make(cls, temperature: Scalar = 0.0, top_k: Scalar = 0, top_p: Scalar = 1.0):
+    check_sampling_args(temperature, top_k, top_p)
+    return cls(temperature=jnp.asarray(temperature, jnp.float32),
+               top_k=jnp.asarray(top_k, jnp.int32), top_p=jnp.asarray(top_p, jnp.float32))
+
+
+def check_sampling_args(temperature, top_k, top_p) -> None:
+  """Host-side validation of concrete knob values (traced values are not checked)."""
+  if isinstance(temperature, jax.core.Tracer) or isinstance(top_k, jax.core.Tracer) or \
+      isinstance(top_p, jax.core.Tracer):
+    return
+  if float(temperature) < 0:
+    raise ValueError(f"temperature must be >= 0 (0 = greedy), got {float(temperature)}")
+  if int(top_k) < 0:
+    raise ValueError(f"top_k must be >= 0 (0 = off), got {int(top_k)}")
+  if not 0.0 < float(top_p) <= 1.0:
+    raise ValueError(f"top_p must be in (0, 1] (1.0 = off), got {float(top_p)}")
+
+
+def _filter_sorted(scaled_BxV: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+  """Masks scaled logits to the top-k, then to the nucleus of what remains, with one sort."""
+  vocab = scaled_BxV.shape[-1]
+  sorted_BxV = -jnp.sort(-scaled_BxV, axis=-1)  # descending
+  k = jnp.where(top_k <= 0, vocab, jnp.minimum(top_k, vocab))
+  rank = jnp.arange(vocab)[None, :]
+  in_top_k = rank < k
+  # Nucleus over the top-k renormalised distribution (the order HF's warpers use): a sorted
+  # token stays when the mass strictly before it is < p, which keeps the smallest prefix whose
+  # mass reaches p, and always the most likely token.
+  probs = jax.nn.softmax(jnp.where(in_top_k, sorted_BxV, -jnp.inf), axis=-1)
+  mass_before = jnp.cumsum(probs, axis=-1) - probs
+  keep_sorted = in_top_k & ((mass_before < top_p) | (rank == 0))
+  num_kept = jnp.sum(keep_sorted, axis=-1)  # >= 1, the kept set is a sorted prefix
+  threshold = jnp.take_along_axis(sorted_BxV, (num_kept - 1)[:, None], axis=-1)  # [B, 1]
+  # Compare in the unsorted layout instead of scattering back; exact ties at the boundary are
+  # kept together (order-independent, as HF does for top-k).
+  return jnp.where(scaled_BxV >= threshold, scaled_BxV, -jnp.inf)
+
+
+def process_logits(logits_BxV: jax.Array, temperature: Scalar, top_k: Scalar = 0,
+                   top_p: Scalar = 1.0) -> jax.Array:
+  """f32 logits of the distribution `sample` draws from: temperature-scaled, -inf outside the
+  kept set. At temperature 0 this is the greedy point mass (0 at the argmax, -inf elsewhere).
+  """
+  logits = logits_BxV.astype(jnp.float32)
+  temperature = jnp.asarray(temperature, jnp.float32)
+  top_k = jnp.asarray(top_k, jnp.int32)
+  top_p = jnp.asarray(top_p, jnp.float32)
+  scaled = logits / jnp.where(temperature > 0, temperature, 1.0)
+  filtered = jax.lax.cond((top_k > 0) | (top_p < 1.0),
+                          lambda x: _filter_sorted(x, top_k, top_p), lambda x: x, scaled)
+  greedy = jnp.arange(logits.shape[-1])[None, :] == jnp.argmax(logits, axis=-1)[:, None]
+  point_mass = jnp.where(greedy, 0.0, -jnp.inf)
+  return jnp.where(temperature > 0, filtered, point_mass)
+
+
+def sample(logits_BxV: jax.Array, rng: jax.Array, temperature: Scalar = 0.0, top_k: Scalar = 0,
+           top_p: Scalar = 1.0) -> jax.Array:
+  """Draws one token per row: int32 [B].
+
+  `rng` is one key (split across rows) or a batch of B keys (one per row, so that a row's
+  draws do not depend on which other rows share its batch).
+  """
+  b = logits_BxV.shape[0]
+  if _is_batched(rng):
+    if rng.shape[0] != b:
+      raise ValueError(f"sample got {rng.shape[0]} keys for {b} rows")
+    keys = rng
+  else:
+    keys = jax.random.split(rng, b)
+
+  def draw(x):
+    processed = process_logits(x, temperature, top_k, top_p)
+    return jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, processed)
+
+  def greedy(x):
+    return jnp.argmax(x, axis=-1)
+
+  # A traced select of one branch: greedy decoding pays for no sort and no random draw.
+  tokens = jax.lax.cond(jnp.asarray(temperature, jnp.float32) > 0, draw, greedy,
+                        logits_BxV.astype(jnp.float32))
+  return tokens.astype(jnp.int32)
+
+
+def _is_batched(rng: jax.Array) -> bool:
+  if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    return rng.ndim == 1
+  return rng.ndim == 2  # raw uint32 keys [B, 2]
+
+
+def row_keys(seed_key: jax.Array, row_ids_B: jax.Array, step: jax.Array) -> jax.Array:
+  """Per-row, per-step keys: fold the row's id, then the step, into the seed key."""
+  fold = jax.vmap(jax.random.fold_in, in_axes=(None, 0))
+  per_row = fold(seed_key, row_ids_B)
+  return jax.vmap(jax.random.fold_in, in_axes=(0, None))(per_row, step)
+
+
+__all__ = ["SamplingParams", "check_sampling_args", "process_logits", "sample", "row_keys"]
