@@ -1,0 +1,233 @@
+"""The jitted, sharded head-distillation step (and the eval step).
+
+One jit does everything for a batch: the frozen base forward (no cache, causal, in
+train.base_dtype, under stop_gradient) -> final hidden states, the token embeddings from the
+base's frozen table, the heads' teacher-forced features, the per-head losses chunked over T
+(base logits for the teacher computed chunk by chunk inside the loss, never [B, T, V] at
+once), gradients w.r.t. the head params only, and the optax update. The base params are an
+argument, not part of the state: the optimizer, checkpoints and gradients see the heads only.
+
+`train_cfg` (ConfigDict or dict) fields:
+  loss           "hard" (CE vs the data) | "teacher" (soft CE vs the base) | "both"
+  head_weights   "equal" | "decay" (0.8**k)
+  base_dtype     compute dtype of the frozen base forward ("bfloat16" | "float32")
+  compute_dtype  compute dtype of the heads (their master weights stay f32)
+  logits_chunk   T-chunk size for the LM heads and the loss (0 = whole sequence)
+Dropout (Hydra++) draws from the step's rng folded with the step number, so a resumed run
+repeats the same masks.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Dict, Optional
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from hydra_jax.model.config import ModelConfig
+from hydra_jax.model.heads import DraftHeads, HeadsConfig, init_heads
+from hydra_jax.model.llama import LlamaModel, init_params
+from hydra_jax.training import losses
+from hydra_jax.training.optimizer import cfg_get, current_lr
+from hydra_jax.training.sharding import (BATCH_AXES, LOGICAL_RULES, base_param_shardings, batch_sharding,
+                                         logical_to_sharding, opt_state_shardings, replicated)
+
+TRAIN_DEFAULTS = dict(loss="hard", head_weights="equal", base_dtype="bfloat16",
+                      compute_dtype="float32", logits_chunk=512)
+_DTYPES = {"bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "float32": jnp.float32,
+           "f32": jnp.float32, "float16": jnp.float16, "fp16": jnp.float16}
+
+
+class TrainState(flax.struct.PyTreeNode):
+  step: jax.Array  # int32 scalar: train-step calls so far (micro-batches when accumulating)
+  params: Any      # head params only, f32
+  opt_state: Any
+
+
+def _train_field(train_cfg, name):
+  return cfg_get(train_cfg, name, TRAIN_DEFAULTS[name])
+
+
+def parse_dtype(name) -> Any:
+  if not isinstance(name, str):
+    return jnp.dtype(name)
+  if name not in _DTYPES:
+    raise ValueError(f"unknown dtype {name!r}; use one of {sorted(_DTYPES)}")
+  return _DTYPES[name]
+
+
+def create_train_state(model_cfg: ModelConfig, heads_cfg: HeadsConfig, base_params,
+                       opt: optax.GradientTransformation, mesh: Mesh, rules=LOGICAL_RULES,
+                       rng: Optional[jax.Array] = None):
+  """Fresh heads (LM heads copied from the base) and optimizer state, created sharded.
+
+  Returns (state, state_shardings); the shardings come from the heads' logical axes, the
+  optimizer state mirroring the params (scalars replicated).
+  """
+  heads_cfg.check_compatible(model_cfg)
+  rng = jax.random.PRNGKey(0) if rng is None else rng
+  state_shardings = train_state_shardings(model_cfg, heads_cfg, opt, mesh, rules)
+
+  def init(base, key):
+    params = init_heads(heads_cfg, model_cfg, base, key, param_dtype=jnp.float32)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt.init(params))
+
+  state = jax.jit(init, out_shardings=state_shardings)(base_params, rng)
+  return state, state_shardings
+
+
+def train_state_shardings(model_cfg: ModelConfig, heads_cfg: HeadsConfig,
+                          opt: optax.GradientTransformation, mesh: Mesh, rules=LOGICAL_RULES):
+  """TrainState of NamedShardings (no allocation); also what a checkpoint restore needs."""
+  base_abstract = jax.eval_shape(lambda: init_params(model_cfg, jax.random.PRNGKey(0)))
+  boxed = jax.eval_shape(
+      lambda b: init_heads(heads_cfg, model_cfg, b, jax.random.PRNGKey(0), boxed=True),
+      base_abstract)
+  param_sh = logical_to_sharding(boxed, mesh, rules)
+  abstract_opt = jax.eval_shape(opt.init, nn.unbox(boxed))
+  return TrainState(step=replicated(mesh), params=param_sh,
+                    opt_state=opt_state_shardings(opt, abstract_opt, param_sh, mesh))
+
+
+def _models(model_cfg, heads_cfg, train_cfg):
+  base = LlamaModel(model_cfg, dtype=parse_dtype(_train_field(train_cfg, "base_dtype")))
+  heads = DraftHeads(heads_cfg, model_cfg, dtype=parse_dtype(_train_field(train_cfg,
+                                                                          "compute_dtype")),
+                     param_dtype=jnp.float32)
+  return base, heads
+
+
+def _forward_sums(base_model, heads_model, heads_params, base_params, batch, *, num_heads: int,
+                  chunk: int, teacher: bool, evaluation: bool, dropout_rng=None,
+                  deterministic: bool = True, mesh: Optional[Mesh] = None):
+  """Frozen base -> teacher-forced head features -> chunked per-head sums."""
+  base_params = jax.lax.stop_gradient(base_params)
+  tokens, positions = batch["tokens"], batch["positions"]
+  _, hidden, _ = base_model.apply({"params": base_params}, tokens, positions,
+                                  return_logits=False)
+  hidden = jax.lax.stop_gradient(hidden)
+  embeds = jnp.take(base_params["embed_tokens"]["embedding"], tokens, axis=0)
+  embeds = embeds.astype(heads_model.dtype)
+  rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
+  feats = heads_model.apply({"params": heads_params}, hidden, embeds, positions,
+                            deterministic=deterministic, rngs=rngs,
+                            method=DraftHeads.training_features)
+  targets, weights = losses.shift_targets(tokens, batch["loss_mask"], num_heads)
+
+  def head_logits(k, feats_BxCxD):
+    return heads_model.apply({"params": heads_params}, k, feats_BxCxD,
+                             method=DraftHeads.lm_logits)
+
+  def base_logits(hidden_BxSxD):
+    return base_model.apply({"params": base_params}, hidden_BxSxD, method=LlamaModel.logits)
+
+  constrain = None if mesh is None else functools.partial(_pin_batch, mesh)
+  return losses.head_sums(head_logits, feats, targets, weights, base_hidden_BxTxD=hidden,
+                          base_logits_fn=base_logits, chunk=chunk, teacher=teacher,
+                          evaluation=evaluation, constrain=constrain)
+
+
+def _pin_batch(mesh, x, batch_dim):
+  """Batch dim over the data axes, the rest replicated.
+
+  Not only a layout hint: without these constraints on the T-chunked features, jax 0.10's
+  Shardy propagation gave WRONG gradients for the heads' first layers on a mesh with all
+  three axes > 1 (e.g. (2, 2, 2); fine on (2, 4, 1), (8, 1, 1), ...), while the loss itself
+  was right. Minimal pattern: f = x + silu(x @ W) with x batch-sharded over (data, fsdp)
+  and W over (fsdp, tensor), then f.reshape(B, n, C, D) chunks feeding a loss; grad W is off
+  by O(1). GSPMD (jax_use_shardy_partitioner=False) is correct. test_train_step's
+  sharded-vs-unsharded test fails without this.
+  """
+  spec = [None] * x.ndim
+  spec[batch_dim] = BATCH_AXES
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec)))
+
+
+def build_train_step(model_cfg: ModelConfig, heads_cfg: HeadsConfig, train_cfg,
+                     opt: optax.GradientTransformation, mesh: Mesh, state_shardings: TrainState,
+                     base_shardings=None):
+  """-> jitted train_step(state, base_params, batch, rng) -> (state, metrics).
+
+  batch: global arrays from make_global_batch (tokens, positions int32 [B, T]; loss_mask
+  f32 [B, T]). The state is donated. Metrics are scalars: loss, loss_head_k, acc_head_k
+  (top-1 vs the data on the masked targets), grad_norm (before clipping), lr, tokens (B*T),
+  targets (head 0's masked target count).
+  """
+  loss_kind = _train_field(train_cfg, "loss")
+  head_w = losses.head_loss_weights(_train_field(train_cfg, "head_weights"), heads_cfg.num_heads)
+  if loss_kind not in losses.LOSS_KINDS:
+    raise ValueError(f"train.loss must be one of {losses.LOSS_KINDS}, got {loss_kind!r}")
+  chunk = int(_train_field(train_cfg, "logits_chunk"))
+  base_model, heads_model = _models(model_cfg, heads_cfg, train_cfg)
+  if base_shardings is None:
+    base_shardings = base_param_shardings(model_cfg, mesh)
+  deterministic = heads_cfg.dropout == 0.0
+  num_heads = heads_cfg.num_heads
+
+  def train_step(state: TrainState, base_params, batch, rng):
+    dropout_rng = jax.random.fold_in(rng, state.step)
+
+    def loss_fn(params):
+      sums = _forward_sums(base_model, heads_model, params, base_params, batch,
+                           num_heads=num_heads, chunk=chunk, teacher=loss_kind != "hard",
+                           evaluation=False, dropout_rng=dropout_rng,
+                           deterministic=deterministic, mesh=mesh)
+      total, per_head = losses.combine_losses(sums, loss_kind, head_w)
+      return total, (sums, per_head)
+
+    (loss, (sums, per_head)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = opt.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    weight = jnp.where(sums["weight"] > 0, sums["weight"], 1.0)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+               "lr": jnp.asarray(current_lr(opt_state), jnp.float32),
+               "tokens": jnp.asarray(batch["tokens"].size, jnp.float32),
+               "targets": sums["weight"][0]}
+    for k in range(num_heads):
+      metrics[f"loss_head_{k}"] = per_head[k]
+      metrics[f"acc_head_{k}"] = sums["top1"][k] / weight[k]
+    return new_state, metrics
+
+  return jax.jit(train_step,
+                 in_shardings=(state_shardings, base_shardings, batch_sharding(mesh),
+                               replicated(mesh)),
+                 out_shardings=(state_shardings, replicated(mesh)),
+                 donate_argnums=(0,))
+
+
+def build_eval_step(model_cfg: ModelConfig, heads_cfg: HeadsConfig, train_cfg, mesh: Mesh,
+                    param_shardings, base_shardings=None):
+  """-> jitted eval_step(head_params, base_params, batch) -> dict of scalar SUMS.
+
+  Per head k: count_head_k (masked targets), top1_data_head_k / top5_data_head_k (correct
+  vs the data), top1_base_head_k / top5_base_head_k (vs the base model's own argmax for the
+  same token, what acceptance measures), rank_counts_base_head_k ([EVAL_RANKS]: how often
+  the base's token is head k's rank-r candidate), hard_sum_head_k, soft_sum_head_k (CE sums).
+  Sum them over batches and divide by the counts. Deterministic (no dropout).
+  `param_shardings` may be a TrainState of shardings (its .params is used).
+  """
+  if isinstance(param_shardings, TrainState):
+    param_shardings = param_shardings.params
+  chunk = int(_train_field(train_cfg, "logits_chunk"))
+  base_model, heads_model = _models(model_cfg, heads_cfg, train_cfg)
+  if base_shardings is None:
+    base_shardings = base_param_shardings(model_cfg, mesh)
+  num_heads = heads_cfg.num_heads
+
+  def eval_step(params, base_params, batch) -> Dict[str, jax.Array]:
+    sums = _forward_sums(base_model, heads_model, params, base_params, batch,
+                         num_heads=num_heads, chunk=chunk, teacher=True, evaluation=True,
+                         mesh=mesh)
+    names = {"weight": "count", "top1": "top1_data", "top5": "top5_data",
+             "base_top1": "top1_base", "base_top5": "top5_base", "hard": "hard_sum",
+             "soft": "soft_sum", "base_rank_counts": "rank_counts_base"}
+    return {f"{names[key]}_head_{k}": sums[key][k] for key in names for k in range(num_heads)}
+
+  return jax.jit(eval_step, in_shardings=(param_shardings, base_shardings, batch_sharding(mesh)),
+                 out_shardings=replicated(mesh))
