@@ -7,6 +7,13 @@
 --prompts-file holds one JSON object per line, with "prompt" (text) or "prompt_ids" (token ids,
 used as is). --json prints one JSON object per prompt on stdout, in input order; logs go to
 stderr. Bad input exits with code 2 and a message, without a traceback.
+
+Speculative decoding with draft heads (ours, or a released Hydra / Medusa checkpoint dir):
+
+  python decode.py --model DIR --heads HEADS_DIR --tree mc_sim_7b_63 --prompt "..." \
+      --max-new-tokens 128 [--accept greedy|typical|exact] [--json]
+
+--json then adds accept_length (tokens per base forward, bonus included) and accepted_per_step.
 """
 
 from __future__ import annotations
@@ -41,6 +48,18 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   p.add_argument("--cache-len", "--max-cache-len", dest="cache_len", type=int, default=None,
                  help="KV cache slots per row (default: prompt + max new tokens, bucketed)")
+  p.add_argument("--heads", default=None,
+                 help="draft heads directory (ours, or released Hydra / Medusa); enables --mode spec")
+  p.add_argument("--tree", default="mc_sim_7b_63",
+                 help="speculation tree: a preset name or a JSON file of top-k rank paths")
+  p.add_argument("--mode", choices=("ar", "spec"), default=None,
+                 help="ar = autoregressive, spec = speculative (default: spec when --heads given)")
+  p.add_argument("--accept", choices=("greedy", "typical", "exact"), default=None,
+                 help="acceptance rule (default: greedy at temperature 0, exact otherwise)")
+  p.add_argument("--posterior-threshold", type=float, default=0.09,
+                 help="typical acceptance: eps in p(x) > min(eps, alpha * exp(-H))")
+  p.add_argument("--posterior-alpha", type=float, default=0.3,
+                 help="typical acceptance: alpha in p(x) > min(eps, alpha * exp(-H))")
   return p.parse_args(argv)
 
 
@@ -83,7 +102,9 @@ def main(argv=None) -> int:
   # Heavy imports after argument parsing, so --help and usage errors are instant.
   from hydra_jax.checkpoint.hf import CheckpointError
   from hydra_jax.decoding.api import DecodeInputError, generate, load_model
+  from hydra_jax.decoding.tree import TreeError
   from hydra_jax.model.config import UnsupportedModelError
+  from hydra_jax.model.heads import HeadsMismatchError
 
   try:
     prompts = read_prompts_file(args.prompts_file) if args.prompts_file else [args.prompt]
@@ -91,8 +112,12 @@ def main(argv=None) -> int:
     results = generate(model, prompts, args.max_new_tokens, temperature=args.temperature,
                        top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                        batch_size=args.batch_size, chat=args.chat, stop_ids=args.stop_ids,
-                       cache_len=args.cache_len)
-  except (UsageError, DecodeInputError, CheckpointError, UnsupportedModelError) as e:
+                       cache_len=args.cache_len, heads=args.heads, tree=args.tree,
+                       mode=args.mode, accept=args.accept,
+                       posterior_threshold=args.posterior_threshold,
+                       posterior_alpha=args.posterior_alpha)
+  except (UsageError, DecodeInputError, CheckpointError, UnsupportedModelError, TreeError,
+          HeadsMismatchError) as e:
     print(f"decode.py: error: {e}", file=sys.stderr)
     return 2
 
@@ -109,6 +134,11 @@ def main(argv=None) -> int:
   summary = (f"{len(results)} prompt(s), {new} new tokens in {run_s:.3f}s "
              f"({new / max(run_s, 1e-9):.1f} tokens/s), "
              f"{sum(r.steps for r in results)} base steps, compile {compile_s:.2f}s")
+  taus = [r.extra["accept_length"] for r in results if r.extra.get("accept_length")]
+  if taus:
+    # Tokens per verify forward over all prompts (the prefill token is not a verify step).
+    acc = [a for r in results for a in r.extra.get("accepted_per_step") or []]
+    summary += f", accept length {sum(acc) / max(len(acc), 1):.2f} tokens/step"
   print(summary, file=sys.stderr if args.json else sys.stdout)
   return 0
 

@@ -19,13 +19,19 @@ import logging
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from hydra_jax.checkpoint.hf import HFModel, load_hf_model
 from hydra_jax.decoding.autoregressive import (FINISH_REASONS, AutoregressiveEngine, BatchOutput,
                                                StopCriteria)
+from hydra_jax.checkpoint.heads_io import load_heads
 from hydra_jax.decoding.sampling import SamplingParams
+from hydra_jax.decoding.spec_engine import SpeculativeEngine
+from hydra_jax.decoding.spec_sampling import DEFAULT_POSTERIOR_ALPHA, DEFAULT_POSTERIOR_THRESHOLD
+from hydra_jax.decoding.tree import CompiledTree, TreeError, load_tree
+from hydra_jax.model.heads import HeadsConfig
 
 log = logging.getLogger("hydra_jax.decoding")
 
@@ -219,20 +225,60 @@ def get_engine(model: HFModel) -> AutoregressiveEngine:
   return _ENGINES[key]
 
 
+def load_draft_heads(model: HFModel, heads) -> Tuple[HeadsConfig, Any]:
+  """`heads` as a directory (ours, or released Hydra / Medusa) or a (HeadsConfig, params) pair.
+
+  Raises HeadsMismatchError when the heads were made for another base model.
+  """
+  if isinstance(heads, (tuple, list)):
+    cfg, params = heads
+    cfg.check_compatible(model.config)
+  else:
+    cfg, params = load_heads(str(heads), model.config)
+  params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, model.dtype), params)
+  return cfg, params
+
+
+_SPEC_ENGINES: Dict[Tuple, SpeculativeEngine] = {}
+
+
+def get_spec_engine(model: HFModel, heads_cfg: HeadsConfig, tree, accept: str) -> SpeculativeEngine:
+  key = (model.config, heads_cfg, tree, str(jnp.dtype(model.dtype)), accept)
+  if key not in _SPEC_ENGINES:
+    _SPEC_ENGINES[key] = SpeculativeEngine(model.config, heads_cfg, tree, model.dtype, accept)
+  return _SPEC_ENGINES[key]
+
+
 def generate(model: Union[HFModel, str], prompts, max_new_tokens: int, *,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              batch_size: Optional[int] = None, chat: bool = False,
              stop_ids: Optional[Sequence[int]] = None,
-             cache_len: Optional[int] = None) -> List[GenerationResult]:
+             cache_len: Optional[int] = None, heads=None, tree="mc_sim_7b_63",
+             mode: Optional[str] = None, accept: Optional[str] = None,
+             posterior_threshold: float = DEFAULT_POSTERIOR_THRESHOLD,
+             posterior_alpha: float = DEFAULT_POSTERIOR_ALPHA) -> List[GenerationResult]:
   """Decodes each prompt (text or token ids); results in input order.
 
   Greedy at temperature 0, else sampling with top-k (0 = off) and top-p (1.0 = off). Each
   row stops on the model's EOS ids or `stop_ids` (the stop token is kept in output_ids), after
   max_new_tokens, or when prompt + output fill the cache ("cache_full"). Prompts run in
   batches of `batch_size` (default: all at once); the last batch is padded with dummy rows.
+
+  Speculative decoding (mode "spec", the default when `heads` is given): `heads` is a heads
+  directory (ours, or a released Hydra / Medusa checkpoint) or a (HeadsConfig, params) pair;
+  `tree` a preset name, a JSON file or a CompiledTree. `accept`: "greedy" (the default at
+  temperature 0; output identical to autoregressive greedy), "exact" (the default otherwise:
+  lossless tree rejection sampling) or "typical" (Medusa's typical acceptance, lossy, with
+  `posterior_threshold` / `posterior_alpha`). Results then carry `accept_length` and
+  `accepted_per_step` in `extra`.
   """
   if isinstance(model, str):
     model = load_model(model)
+  mode = mode or ("spec" if heads is not None else "ar")
+  if mode not in ("ar", "spec"):
+    raise DecodeInputError(f"mode must be 'ar' or 'spec', got {mode!r}")
+  if mode == "spec" and heads is None:
+    raise DecodeInputError("speculative decoding needs draft heads: pass --heads DIR")
   if int(max_new_tokens) < 1:
     raise DecodeInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
   try:
@@ -243,8 +289,25 @@ def generate(model: Union[HFModel, str], prompts, max_new_tokens: int, *,
   batch_size = len(ids) if batch_size is None else int(batch_size)
   if batch_size < 1:
     raise DecodeInputError(f"batch_size must be >= 1, got {batch_size}")
+  extra_slots = 0
+  if mode == "spec":
+    heads_cfg, heads_params = load_draft_heads(model, heads)
+    compiled_tree = tree if isinstance(tree, CompiledTree) else load_tree(
+        tree, num_heads=heads_cfg.num_heads)
+    if compiled_tree.depth > heads_cfg.num_heads:
+      raise TreeError(f"tree depth {compiled_tree.depth} needs {compiled_tree.depth} draft heads "
+                      f"but the heads have {heads_cfg.num_heads}")
+    accept = accept or ("greedy" if float(temperature) == 0.0 else "exact")
+    if accept not in ("greedy", "typical", "exact"):
+      raise DecodeInputError(f"accept must be greedy, typical or exact, got {accept!r}")
+    if accept == "greedy" and float(temperature) != 0.0:
+      raise DecodeInputError("accept='greedy' needs temperature 0; use accept='exact' (lossless) "
+                             "or 'typical' to sample")
+    extra_slots = compiled_tree.num_nodes  # a verify step writes the whole tree first
+    spec_engine = get_spec_engine(model, heads_cfg, compiled_tree, accept)
   padded_len, cache_len = plan_shapes([len(x) for x in ids], int(max_new_tokens),
-                                      model.config.max_position_embeddings, cache_len)
+                                      model.config.max_position_embeddings, cache_len,
+                                      extra_slots=extra_slots)
   stop = StopCriteria.make(int(max_new_tokens), eos_ids(model), stop_ids or ())
   engine = get_engine(model)
   pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
@@ -252,8 +315,13 @@ def generate(model: Union[HFModel, str], prompts, max_new_tokens: int, *,
   results: List[GenerationResult] = []
   for start in range(0, len(ids), batch_size):
     batch = prepare_batch(ids, start, batch_size, padded_len, pad_id)
-    out = engine.run(model.params, batch.tokens, batch.lengths, batch.active, batch.row_ids,
-                     sampling, stop, seed, cache_len)
+    if mode == "spec":
+      out = spec_engine.run(model.params, heads_params, batch.tokens, batch.lengths,
+                            batch.active, batch.row_ids, sampling, stop, seed, cache_len,
+                            posterior_threshold, posterior_alpha)
+    else:
+      out = engine.run(model.params, batch.tokens, batch.lengths, batch.active, batch.row_ids,
+                       sampling, stop, seed, cache_len)
     if out.compile_s > 0:
       log.info("compiled for batch %d x prompt %d, cache %d in %.2fs", batch_size, padded_len,
                cache_len, out.compile_s)
@@ -265,5 +333,5 @@ def generate(model: Union[HFModel, str], prompts, max_new_tokens: int, *,
 
 
 __all__ = ["DecodeInputError", "GenerationResult", "PreparedBatch", "eos_ids", "encode_prompts",
-           "generate", "get_engine", "load_model", "make_results", "normalize_prompts",
+           "generate", "get_engine", "get_spec_engine", "load_draft_heads", "load_model", "make_results", "normalize_prompts",
            "plan_shapes", "prepare_batch"]

@@ -10,6 +10,7 @@ constants; lengths, counters and max_new_tokens are traced int32). One step, per
           committed cache and their own ancestors (the same forward as prefill).
   accept  greedy: per leaf path, the longest prefix whose tokens equal the base argmax at their
           parent; the longest path wins. a accepted nodes + 1 bonus token are emitted.
+          typical / exact (temperature > 0): see spec_sampling; `accept` is a static argument.
   commit  the root and the accepted nodes' KV move to contiguous slots len .. len + a; Hydra++
           feeds the accepted positions' base hidden states through its prefix layer's own cache.
 
@@ -29,6 +30,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hydra_jax.decoding.sampling import SamplingParams, sample
+from hydra_jax.decoding.spec_sampling import (DEFAULT_POSTERIOR_ALPHA,
+                                              DEFAULT_POSTERIOR_THRESHOLD, AcceptParams,
+                                              check_accept_mode, exact_accept, position_keys,
+                                              typical_accept)
 from hydra_jax.model.config import ModelConfig
 from hydra_jax.model.heads import DraftHeads, HeadsConfig
 from hydra_jax.model.kv_cache import KVCache, init_cache
@@ -62,6 +68,10 @@ class SpecState:
   context_BxE: jax.Array
   cache: KVCache
   prefix_cache: Optional[KVCache]
+  # Sampling: output index i of row b draws with fold_in(fold_in(rng, row_ids_B[b]), i), the
+  # autoregressive engine's key schedule (unused by greedy acceptance).
+  rng: jax.Array
+  row_ids_B: jax.Array  # int32
 
 
 FINISH_LIVE, FINISH_STOP, FINISH_LENGTH, FINISH_CACHE = 0, 1, 2, 3
@@ -166,9 +176,22 @@ def _is_stop(tokens, stop_ids):
 
 
 def prefill(models: SpecModels, base_params, heads_params, prompt_BxP, prompt_lens_B,
-            cache_len: int, max_new_tokens, stop_ids) -> SpecState:
-  """Prompt forward, first token, Hydra++ prefix cache; returns the loop's initial state."""
+            cache_len: int, max_new_tokens, stop_ids, accept: str = "greedy",
+            params: Optional[AcceptParams] = None, rng=None, row_ids_B=None) -> SpecState:
+  """Prompt forward, first token, Hydra++ prefix cache; returns the loop's initial state.
+
+  With accept "typical" or "exact" the first token is sampled (output index 0's key) with
+  `params`' temperature / top-k / top-p; rng is the seed key, row_ids_B (default 0..B-1) the
+  rows' ids in the caller's list, so a row's draws do not depend on its batch.
+  """
   b, p = prompt_BxP.shape
+  check_accept_mode(accept)
+  if accept != "greedy" and (rng is None or params is None):
+    raise ValueError(f"accept={accept!r} samples: pass params=AcceptParams.make(sampling) and "
+                     f"rng=jax.random.key(seed)")
+  rng = jax.random.key(0) if rng is None else rng
+  row_ids_B = (jnp.arange(b, dtype=jnp.int32) if row_ids_B is None
+               else jnp.asarray(row_ids_B, jnp.int32))
   cfg = models.base_cfg
   cache = init_cache(cfg, b, cache_len, models.dtype)
   positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32)[None, :], (b, p))
@@ -178,7 +201,12 @@ def prefill(models: SpecModels, base_params, heads_params, prompt_BxP, prompt_le
   cache = cache.with_lengths(prompt_lens_B)
   last = prompt_lens_B - 1
   h_last = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
-  root = jnp.argmax(jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0], -1)
+  last_logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
+  if accept == "greedy":
+    root = jnp.argmax(last_logits, -1)
+  else:
+    keys = position_keys(rng, row_ids_B, jnp.zeros((b,), jnp.int32))
+    root = sample(last_logits, keys, params.temperature, params.top_k, params.top_p)
   root = root.astype(jnp.int32)
 
   prefix_cache = None
@@ -203,12 +231,14 @@ def prefill(models: SpecModels, base_params, heads_params, prompt_BxP, prompt_le
                    steps_B=jnp.zeros((b,), jnp.int32),
                    accepted_BxC=jnp.zeros((b, cap), jnp.int32), root_B=root,
                    context_BxE=context.astype(models.dtype), cache=cache,
-                   prefix_cache=prefix_cache)
+                   prefix_cache=prefix_cache, rng=rng, row_ids_B=row_ids_B)
 
 
 def spec_step(models: SpecModels, base_params, heads_params, drafter: Drafter,
-              state: SpecState, max_new_tokens, stop_ids) -> SpecState:
-  """One speculate-verify-accept-commit cycle for every live row."""
+              state: SpecState, max_new_tokens, stop_ids, accept: str = "greedy",
+              params: Optional[AcceptParams] = None) -> SpecState:
+  """One speculate-verify-accept-commit cycle for every live row (`accept` is static)."""
+  check_accept_mode(accept)
   tree = models.tree
   cache = state.cache
   b, s = cache.batch_size, cache.max_len
@@ -223,15 +253,25 @@ def spec_step(models: SpecModels, base_params, heads_params, drafter: Drafter,
   mask = tree_mask(lengths, tree.ancestors, s)
   logits, hidden, cache = models.base.apply({"params": base_params}, tokens, positions, cache,
                                             mask)
-  pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B, N]
-  a, path_nodes, last = greedy_accept(tree, tokens, pred)
+  if accept == "greedy":
+    pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B, N]
+    a, path_nodes, last = greedy_accept(tree, tokens, pred)
+    bonus = jnp.take_along_axis(pred, last[:, None], axis=1)[:, 0]
+  elif accept == "typical":
+    a, path_nodes, last = typical_accept(tree, tokens, logits, params)
+    keys = position_keys(state.rng, state.row_ids_B, state.num_out_B + a)
+    bonus = sample(jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0], keys,
+                   params.temperature, params.top_k, params.top_p)
+  else:  # "exact"
+    keys = jnp.stack([position_keys(state.rng, state.row_ids_B, state.num_out_B + d)
+                      for d in range(m)])  # [M, B]: depth d decides output index num_out + d
+    a, path_nodes, last, bonus = exact_accept(tree, tokens, logits, keys, params)
 
   live = ~state.done_B
   # Commit the root + a accepted nodes (M slots move; only a + 1 count). A finished row still
   # runs (static shapes) but commits nothing: its writes land beyond its length, unread.
   commit = jnp.where(live, a + 1, 0)
   cache = cache.gather(lengths[:, None] + path_nodes, commit)
-  bonus = jnp.take_along_axis(pred, last[:, None], axis=1)[:, 0]
   if models.heads_cfg.prefix_layer:
     h_acc = jnp.take_along_axis(hidden, path_nodes[:, :, None], axis=1)  # [B, M, E]
     pos_acc = lengths[:, None] + jnp.arange(m, dtype=jnp.int32)[None, :]
@@ -273,33 +313,49 @@ def spec_step(models: SpecModels, base_params, heads_params, drafter: Drafter,
                    out_BxC=out, num_out_B=num_out, steps_B=state.steps_B + live.astype(jnp.int32),
                    accepted_BxC=accepted, root_B=keep(bonus, state.root_B),
                    context_BxE=keep(context.astype(state.context_BxE.dtype), state.context_BxE),
-                   cache=cache, prefix_cache=prefix_cache)
+                   cache=cache, prefix_cache=prefix_cache, rng=state.rng,
+                   row_ids_B=state.row_ids_B)
 
 
 def run_loop(models: SpecModels, base_params, heads_params, drafter: Drafter, state: SpecState,
-             max_new_tokens, stop_ids) -> SpecState:
+             max_new_tokens, stop_ids, accept: str = "greedy",
+             params: Optional[AcceptParams] = None) -> SpecState:
   """`lax.while_loop` over spec_step until every row is done."""
   def cond(st):
     return jnp.any(~st.done_B)
 
   def body(st):
-    return spec_step(models, base_params, heads_params, drafter, st, max_new_tokens, stop_ids)
+    return spec_step(models, base_params, heads_params, drafter, st, max_new_tokens, stop_ids,
+                     accept, params)
 
   return jax.lax.while_loop(cond, body, state)
 
 
 def _speculative_generate(models: SpecModels, cache_len: int, drafter_factory, base_params,
-                          heads_params, prompt_BxP, prompt_lens_B, max_new_tokens, stop_ids):
+                          heads_params, prompt_BxP, prompt_lens_B, max_new_tokens, stop_ids,
+                          sampling: Optional[SamplingParams] = None, rng=None, row_ids_B=None,
+                          posterior_threshold=DEFAULT_POSTERIOR_THRESHOLD,
+                          posterior_alpha=DEFAULT_POSTERIOR_ALPHA, accept: str = "greedy"):
+  check_accept_mode(accept)
+  params = None
+  if accept != "greedy":
+    if sampling is None:
+      raise ValueError(f"accept={accept!r} samples: pass sampling=SamplingParams.make(temperature, "
+                       f"top_k, top_p) and rng=jax.random.key(seed)")
+    params = AcceptParams.make(sampling, posterior_threshold, posterior_alpha)
   state = prefill(models, base_params, heads_params, prompt_BxP, prompt_lens_B, cache_len,
-                  max_new_tokens, stop_ids)
+                  max_new_tokens, stop_ids, accept, params, rng, row_ids_B)
   drafter = drafter_factory(models, base_params, heads_params)
-  return run_loop(models, base_params, heads_params, drafter, state, max_new_tokens, stop_ids)
+  return run_loop(models, base_params, heads_params, drafter, state, max_new_tokens, stop_ids,
+                  accept, params)
 
 
-# Static: the models (configs + tree), cache length and drafter factory. Everything else is
-# traced, so another max_new_tokens, stop list of the same size or prompt of the same padded
-# length reuses the compiled loop.
-speculative_generate = jax.jit(_speculative_generate, static_argnums=(0, 1, 2))
+# Static: the models (configs + tree), cache length, drafter factory and accept mode.
+# Everything else is traced, so another max_new_tokens, stop list of the same size, prompt of
+# the same padded length, seed or sampling knob (temperature, top-k, top-p, posterior
+# threshold / alpha) reuses the compiled loop. `sampling` is ignored by greedy acceptance.
+speculative_generate = jax.jit(_speculative_generate, static_argnums=(0, 1, 2),
+                               static_argnames=("accept",))
 
 
 __all__ = ["DraftInputs", "Drafter", "SpecModels", "SpecState", "FINISH_NAMES", "greedy_accept",
