@@ -30,14 +30,27 @@ def _randomize(params, seed, scale=0.05):
   return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
-def base(request, tmp_path_factory):
-  path = str(tmp_path_factory.mktemp(request.param))
-  torch_model = make_hf_model(path, model_type=request.param, vocab_size=256, hidden_size=64,
-                              intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
-                              weight_std=0.15, tokenizer=False,
-                              tie_word_embeddings=request.param == "qwen2")
-  return torch_model, load_hf_model(path, tokenizer=False)
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+  """llama (GQA, untied) and qwen2 (q/k/v bias, tied), each built once, on first use."""
+  cache = {}
+
+  def get(model_type):
+    if model_type not in cache:
+      path = str(tmp_path_factory.mktemp(model_type))
+      torch_model = make_hf_model(path, model_type=model_type, vocab_size=256, hidden_size=64,
+                                  intermediate_size=128, num_layers=2, num_heads=4,
+                                  num_kv_heads=2, weight_std=0.15, tokenizer=False,
+                                  tie_word_embeddings=model_type == "qwen2")
+      cache[model_type] = (torch_model, load_hf_model(path, tokenizer=False))
+    return cache[model_type]
+  return get
+
+
+@pytest.fixture(scope="module")
+def base(bases):
+  """The mechanics tests (oracle drafters, stops, caches) run on the llama base only."""
+  return bases("llama")
 
 
 PROMPTS = [[5, 17, 42, 9, 100, 7, 3 + 60], [11, 12], [200, 201, 202, 203, 204]]
@@ -77,11 +90,13 @@ def _heads(hm, arch, seed=1, **kw):
   return cfg, _randomize(params, seed)
 
 
-@pytest.mark.parametrize("arch,tree_name,batch", [
-    ("medusa", "mc_sim_7b_63", 3), ("hydra", "mc_sim_7b_63", 3), ("hydra++", "mc_sim_7b_63", 3),
-    ("hydra", "chain_4", 1), ("medusa", "greedy_15", 1), ("hydra++", "greedy_31", 3)])
-def test_lossless_with_real_heads(base, arch, tree_name, batch):
-  torch_model, hm = base
+@pytest.mark.parametrize("model_type,arch,tree_name,batch", [
+    ("llama", "medusa", "mc_sim_7b_63", 3), ("llama", "hydra", "mc_sim_7b_63", 3),
+    ("llama", "hydra++", "mc_sim_7b_63", 3), ("llama", "hydra", "chain_4", 1),
+    ("qwen2", "medusa", "greedy_15", 1), ("qwen2", "hydra", "mc_sim_7b_63", 3),
+    ("qwen2", "hydra++", "greedy_31", 3)])
+def test_lossless_with_real_heads(bases, model_type, arch, tree_name, batch):
+  torch_model, hm = bases(model_type)
   cfg, params = _heads(hm, arch)
   n = 12
   prompts = PROMPTS[:batch]
