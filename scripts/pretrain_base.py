@@ -1,9 +1,10 @@
 """Pretrains the embedded base model (hydra_jax/assets/tiny_shakespeare) on TinyShakespeare.
 
-The command that made the shipped model (about 45 minutes on a shared 2-core CPU):
+The defaults are the shipped model; the command that made it (its README.md has the exact
+line and the numbers; 30-45 minutes on a shared 2-core CPU):
 
-  python scripts/pretrain_base.py --workdir /work/pretrain_run \
-      --export_dir hydra_jax/assets/tiny_shakespeare  (+ the sizes in its README.md)
+  python scripts/pretrain_base.py --workdir /work/pretrain_run2 \
+      --export_dir hydra_jax/assets/tiny_shakespeare --steps 650 --minutes 60
 
 A minute-long smoke run:
 
