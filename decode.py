@@ -51,7 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--heads", default=None,
                  help="draft heads directory (ours, or released Hydra / Medusa); enables --mode spec")
   p.add_argument("--tree", default="mc_sim_7b_63",
-                 help="speculation tree: a preset name or a JSON file of top-k rank paths")
+                 help="speculation tree: a preset name, a JSON file of top-k rank paths, or "
+                      "auto (HEADS_DIR/tree_auto.json from hydra_jax.decoding.tree_fit)")
   p.add_argument("--mode", choices=("ar", "spec"), default=None,
                  help="ar = autoregressive, spec = speculative (default: spec when --heads given)")
   p.add_argument("--accept", choices=("greedy", "typical", "exact"), default=None,

@@ -1,19 +1,27 @@
 #!/usr/bin/env bash
-# The main job from a fresh clone: creates .venv if missing, installs the package, and decodes
-# a prompt with decode.py.
+# The main job from a fresh clone: creates .venv if missing, installs the package, and shows
+# speculative decoding with trained draft heads:
 #
-# It decodes with the embedded pretrained model (hydra_jax/assets/tiny_shakespeare) when the
-# repository has it. Until then the demo builds a small RANDOM Llama
-# (4 layers, width 128) with a BPE tokenizer trained on the spot, once, into a cache
-# directory, using only the package itself (no torch, no download): our init_params, exported
-# with export_hf as a Hugging Face directory that decode.py (or transformers) loads. Its text
-# is gibberish; the point is the whole pipeline from checkpoint to tokens/s.
+#   python -m hydra_jax.demo      # the embedded TinyShakespeare model + its Hydra++ heads
 #
-#   bash scripts/demo.sh                      # greedy, 64 new tokens
-#   bash scripts/demo.sh --json --temperature 0.8 --top-p 0.9   # extra flags go to decode.py
+# which prints the generated text with the tokens that came from accepted drafts highlighted,
+# then the accept length, tokens/s and the speedup over autoregressive decoding measured in
+# the same run, and whether the output equals autoregressive greedy decoding (it must).
 #
-# Environment: DEMO_MODEL (a Hugging Face model directory to decode with instead),
-# DEMO_PROMPT, HYDRA_CACHE (default ~/.cache/hydra_jax) and those of scripts/_venv.sh.
+#   bash scripts/demo.sh                                     # the defaults
+#   bash scripts/demo.sh --prompt "ROMEO:" --max-new-tokens 200 --tree greedy_31 --no-color
+#
+# Extra flags go to hydra_jax.demo (python -m hydra_jax.demo --help). Environment:
+# DEMO_MODEL (another Hugging Face model directory) with DEMO_HEADS (heads trained for it;
+# default DEMO_MODEL/heads/hydra_pp), DEMO_PROMPT, HYDRA_CACHE (default ~/.cache/hydra_jax)
+# and those of scripts/_venv.sh.
+#
+# Fallback, only while the trained assets are absent (a checkout without the embedded model
+# or its heads): it says what is missing and decodes AUTOREGRESSIVELY with decode.py instead
+# (extra flags then go to decode.py), with the embedded model when it exists, else with a
+# small RANDOM Llama (4 layers, width 128, a BPE tokenizer trained on the spot) that it
+# builds once into the cache directory from the package alone (no torch, no download). Its
+# text is gibberish; the point is the pipeline from checkpoint to tokens/s.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/_venv.sh
@@ -23,11 +31,34 @@ export TRANSFORMERS_VERBOSITY="${TRANSFORMERS_VERBOSITY:-error}"
 
 cache="${HYDRA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/hydra_jax}"
 embedded="hydra_jax/assets/tiny_shakespeare"
-if [[ -n "${DEMO_MODEL:-}" ]]; then
-  model="$DEMO_MODEL"
-elif [[ -f "$embedded/config.json" ]]; then
-  model="$embedded"  # the pretrained model that ships with the package, once it exists
+model="${DEMO_MODEL:-$embedded}"
+heads="${DEMO_HEADS:-$model/heads/hydra_pp}"
+
+# Our heads have heads_config.json (written last); DEMO_HEADS may also be a released Hydra /
+# Medusa directory, which hydra_jax.demo checks itself.
+if [[ -f "$model/config.json" && ( -f "$heads/heads_config.json" ||
+      ( -n "${DEMO_HEADS:-}" && -d "$heads" ) ) ]]; then
+  args=(--model "$model" --heads "$heads")
+  [[ -n "${DEMO_PROMPT:-}" ]] && args+=(--prompt "$DEMO_PROMPT")
+  exec "$VENV_PY" -m hydra_jax.demo "${args[@]}" "$@"
+fi
+
+# The fallback: say what is missing, then decode autoregressively.
+if [[ ! -f "$model/config.json" ]]; then
+  missing="the model $model (no config.json)"
 else
+  missing="draft heads in $heads"
+fi
+if [[ -n "${DEMO_MODEL:-}" && -f "$model/config.json" ]]; then
+  echo "note: no $missing (set DEMO_HEADS=DIR for speculative decoding);" \
+       "decoding $model autoregressively with decode.py instead" >&2
+elif [[ -f "$model/config.json" ]]; then
+  echo "note: the embedded model's trained heads are missing ($heads);" \
+       "decoding it autoregressively with decode.py instead (train the heads with" \
+       "configs/embedded_*.py, see those files)" >&2
+else
+  echo "note: $missing is missing; decoding a small RANDOM model (gibberish)" \
+       "autoregressively with decode.py instead" >&2
   model="$cache/demo-random-llama-v1"
   build_random=1
 fi

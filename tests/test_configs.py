@@ -19,7 +19,8 @@ from hydra_jax.training import config_base
 
 REPO = config_base.REPO_ROOT
 PRESETS = sorted(glob.glob(os.path.join(REPO, "configs", "[a-z]*.py")))
-BIG = [p for p in PRESETS if not p.endswith("tiny_cpu.py")]
+# The big presets (BASE_MODELS bases); tiny_cpu and embedded_* run real small models.
+BIG = [p for p in PRESETS if not os.path.basename(p).startswith(("tiny_cpu", "embedded_"))]
 
 # Published parameter counts (the model cards / HF `num_parameters()`), not computed by us.
 KNOWN_BASE_PARAMS = {

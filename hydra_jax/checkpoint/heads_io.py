@@ -36,18 +36,22 @@ __all__ = ["save_heads", "load_heads", "read_heads_meta", "detect_heads_format",
 
 
 def save_heads(directory: str, params, heads_cfg: HeadsConfig, extra_meta: Optional[dict] = None,
-               base_cfg: Optional[ModelConfig] = None) -> None:
-  """Writes the heads' params (as f32) and heads_config.json; overwrites an existing save.
+               base_cfg: Optional[ModelConfig] = None, param_dtype: str = "float32") -> None:
+  """Writes the heads' params (f32 by default) and heads_config.json; overwrites a previous save.
 
   `base_cfg` (optional) is recorded so that the checkpoint can be checked in full (the Hydra++
-  prefix layer's shapes) even when it is later loaded without a base model.
+  prefix layer's shapes) even when it is later loaded without a base model. `param_dtype`
+  "bfloat16" halves the files (shipped heads); `load_heads` casts back to its param_dtype.
   """
+  if param_dtype not in ("float32", "bfloat16"):
+    raise ValueError(f"param_dtype must be 'float32' or 'bfloat16', got {param_dtype!r}")
   import orbax.checkpoint as ocp
   if base_cfg is not None:
     heads_cfg.check_compatible(base_cfg)
   directory = os.path.abspath(os.path.expanduser(directory))
   os.makedirs(directory, exist_ok=True)
-  tree = jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x), dtype=np.float32),
+  store = np.float32 if param_dtype == "float32" else jnp.bfloat16
+  tree = jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x), dtype=store),
                                 nn.meta.unbox(params))
   _check_tree(tree, _expected(heads_cfg, base_cfg), "the params to save")
   # Config last and atomically: a directory with heads_config.json has complete params.
@@ -66,7 +70,7 @@ def save_heads(directory: str, params, heads_cfg: HeadsConfig, extra_meta: Optio
           "fingerprint": heads_cfg.base_fingerprint,
           "config": None if base_cfg is None else base_cfg.to_dict(),
       },
-      "param_dtype": "float32",
+      "param_dtype": param_dtype,
       "extra": extra_meta or {},
   }
   tmp = cfg_path + ".tmp"

@@ -266,7 +266,8 @@ def generate(model: Union[HFModel, str], prompts, max_new_tokens: int, *,
 
   Speculative decoding (mode "spec", the default when `heads` is given): `heads` is a heads
   directory (ours, or a released Hydra / Medusa checkpoint) or a (HeadsConfig, params) pair;
-  `tree` a preset name, a JSON file or a CompiledTree. `accept`: "greedy" (the default at
+  `tree` a preset name, a JSON file, a CompiledTree or "auto" (HEADS_DIR/tree_auto.json,
+  written by `python -m hydra_jax.decoding.tree_fit`; else mc_sim_7b_63 with a warning). `accept`: "greedy" (the default at
   temperature 0; output identical to autoregressive greedy), "exact" (the default otherwise:
   lossless tree rejection sampling) or "typical" (Medusa's typical acceptance, lossy, with
   `posterior_threshold` / `posterior_alpha`). Results then carry `accept_length` and
@@ -292,6 +293,9 @@ def generate(model: Union[HFModel, str], prompts, max_new_tokens: int, *,
   extra_slots = 0
   if mode == "spec":
     heads_cfg, heads_params = load_draft_heads(model, heads)
+    if isinstance(tree, str) and tree == "auto":
+      from hydra_jax.decoding.tree_fit import resolve_tree  # lazy: tree_fit imports this module
+      tree = resolve_tree(tree, heads, num_heads=heads_cfg.num_heads)
     compiled_tree = tree if isinstance(tree, CompiledTree) else load_tree(
         tree, num_heads=heads_cfg.num_heads)
     if compiled_tree.depth > heads_cfg.num_heads:

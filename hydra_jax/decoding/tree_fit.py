@@ -1,0 +1,541 @@
+"""Trees fitted to the draft heads (calibration) and to the hardware (measured step latency).
+
+    python -m hydra_jax.decoding.tree_fit --model DIR --heads HEADS_DIR \
+        --prompts data/shakespeare_heldout_prompts.jsonl --out HEADS_DIR/tree_auto.json
+
+1. Calibration. The base model greedily continues every prompt (`api.generate`, mode "ar");
+   then ONE teacher-forced forward over prompt + continuation gives, for every position t of
+   the continuation and head k, the rank of the true token x_{t+k+2} in head k's logits given
+   g_t and the TRUE path E(x_{t+1..t+k+1}) (`DraftHeads.training_features`). Those are the
+   tokens greedy decoding accepts, so ranks[t] decides how far a step starting at t gets:
+   the longest tree path equal to ranks[t, :len(path)]. acc[d, r] = P(rank_d = r | the true
+   tokens of depths < d are in the heads' top-max_topk, i.e. some tree path holds the prefix).
+2. Fitting. `fit_tree(acc, n)` is `tree.grow_tree`: the n most likely nodes, optimal for
+   expected accept length under the independence model (depth d's rank independent of the
+   ranks above it). `fit_tree_replay(ranks, n)` drops that assumption: the n most frequent
+   rank prefixes of the calibrated positions, optimal for `replay_accept_length`, the mean
+   accept length of greedy steps started at those positions (the independence model misses
+   the correlation between depths: Medusa heads all read the same h_t). `fit_to_hardware`
+   grows one tree per candidate size (either method), measures one jitted speculative step
+   (draft + verify + accept + commit) of each and the autoregressive step on this device, and
+   keeps the tree maximising expected tokens/s = expected tau / step time.
+3. `resolve_tree("auto", heads_dir)`: HEADS_DIR/tree_auto.json when present (this script with
+   --out pointing there), else mc_sim_7b_63 with a warning. No calibration is run on the fly:
+   it costs an autoregressive pass over a prompt set plus one compile per candidate tree (about
+   a minute per head kind for the embedded model on a 2-core CPU), too much to hide in a call.
+
+Sizes count the tokens verified per step, root included (CompiledTree.num_nodes): size 64 =
+63 draft nodes, like mc_sim_7b_63. Legend: K heads (depths), R ranks, B batch, T tokens, V vocab.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hydra_jax.decoding.tree import (CompiledTree, compile_tree, expected_accept_length,
+                                     grow_tree, load_tree)
+from hydra_jax.model.config import ModelConfig
+from hydra_jax.model.heads import DraftHeads, HeadsConfig
+from hydra_jax.model.llama import LlamaModel
+
+log = logging.getLogger("hydra_jax.decoding")
+
+MAX_TOPK = 10
+DEFAULT_SIZES = (8, 16, 32, 64, 96, 128)
+AUTO_TREE_FILE = "tree_auto.json"
+FALLBACK_TREE = "mc_sim_7b_63"
+TREE_AUTO = "auto"
+
+
+# ----------------------------------------------------------------------------------------
+# Calibration
+
+
+@dataclasses.dataclass
+class Calibration:
+  """Teacher-forced ranks of the true tokens under the heads, and the accuracies they give."""
+  acc: np.ndarray  # f64 [K, R]: P(rank_d = r | prefix in the top-R), R = max_topk
+  ranks: np.ndarray  # int32 [M, K]: per position; R = not in the top-R, -1 = past the end
+  eligible: np.ndarray  # int64 [K]: positions whose depth-d prefix is in the top-R
+  num_prompts: int
+  max_topk: int
+
+  @property
+  def num_positions(self) -> int:
+    return int(self.ranks.shape[0])
+
+
+def read_prompts(path: str) -> List[Union[str, List[int]]]:
+  """JSONL prompts: {"prompt": TEXT} or {"prompt_ids": [ids]} per line."""
+  prompts = []
+  with open(path) as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      obj = json.loads(line)
+      if isinstance(obj, dict) and isinstance(obj.get("prompt_ids"), list):
+        prompts.append([int(x) for x in obj["prompt_ids"]])
+      elif isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
+        prompts.append(obj["prompt"])
+      else:
+        raise ValueError(f"{path}:{n}: expected an object with \"prompt\" (text) or "
+                         f"\"prompt_ids\" (token ids)")
+  if not prompts:
+    raise ValueError(f"{path} holds no prompts")
+  return prompts
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _teacher_forced_ranks(base_cfg: ModelConfig, heads_cfg: HeadsConfig, dtype, max_topk: int,
+                          base_params, heads_params, tokens_BxT):
+  """ranks [K, B, T]: rank of x_{t+k+2} in head k's logits at t (ties: lower id first, like
+  lax.top_k), clipped to max_topk; garbage where t + k + 2 >= T (masked by the caller)."""
+  b, t = tokens_BxT.shape
+  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None, :], (b, t))
+  _, hidden, _ = LlamaModel(base_cfg, dtype=dtype).apply(
+      {"params": base_params}, tokens_BxT, positions, return_logits=False)
+  embeds = jnp.take(base_params["embed_tokens"]["embedding"], tokens_BxT, axis=0).astype(dtype)
+  heads = DraftHeads(heads_cfg, base_cfg, dtype=dtype)
+  feats = heads.apply({"params": heads_params}, hidden, embeds, positions, True,
+                      method="training_features")
+  vocab = jnp.arange(base_cfg.vocab_size, dtype=jnp.int32)[None, None, :]
+  out = []
+  for k in range(heads_cfg.num_heads):
+    logits = heads.apply({"params": heads_params}, k, feats[k], method="lm_logits")  # [B,T,V]
+    shift = k + 2
+    target = jnp.concatenate([tokens_BxT[:, shift:], jnp.zeros((b, min(shift, t)), jnp.int32)],
+                             axis=1)[:, :t]
+    true_logit = jnp.take_along_axis(logits, target[:, :, None], axis=-1)  # [B, T, 1]
+    above = (logits > true_logit) | ((logits == true_logit) & (vocab < target[:, :, None]))
+    out.append(jnp.minimum(jnp.sum(above, axis=-1), max_topk).astype(jnp.int32))
+  return jnp.stack(out)
+
+
+def accuracy_from_ranks(ranks_MxK: np.ndarray, max_topk: int = MAX_TOPK
+                        ) -> Tuple[np.ndarray, np.ndarray]:
+  """(acc [K, R], eligible [K]) from per-position ranks (R = miss, -1 = past the end).
+
+  A position counts at depth d when its depth-d token is known and every shallower true token
+  is within the top-R: the prefix some tree path can hold ("path prefix correct").
+  """
+  ranks = np.asarray(ranks_MxK)
+  k = ranks.shape[1]
+  acc = np.zeros((k, max_topk))
+  eligible = np.zeros((k,), np.int64)
+  in_top = (ranks >= 0) & (ranks < max_topk)
+  for d in range(k):
+    ok = (ranks[:, d] >= 0) & np.all(in_top[:, :d], axis=1)
+    eligible[d] = int(ok.sum())
+    if eligible[d]:
+      acc[d] = np.bincount(ranks[ok, d], minlength=max_topk + 1)[:max_topk] / eligible[d]
+  return acc, eligible
+
+
+def teacher_forced_ranks(model, heads_cfg: HeadsConfig, heads_params,
+                         sequences: Sequence[Sequence[int]], starts: Sequence[int],
+                         max_topk: int = MAX_TOPK, batch_size: int = 8,
+                         bucket: int = 64) -> np.ndarray:
+  """Per-position ranks [M, K] for positions t >= starts[i] - 1 of each sequence.
+
+  `starts[i]` is the prompt length: the continuation begins at index starts[i], so the first
+  position is the prompt's last token (whose x_{t+1} is the first generated token).
+  """
+  k_heads = heads_cfg.num_heads
+  longest = max(len(s) for s in sequences)
+  t_pad = -(-longest // bucket) * bucket
+  pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+  rows = []
+  for start in range(0, len(sequences), batch_size):
+    chunk = list(range(start, min(start + batch_size, len(sequences))))
+    tokens = np.full((batch_size, t_pad), pad, np.int32)  # fixed shape: one compile
+    for r, i in enumerate(chunk):
+      tokens[r, :len(sequences[i])] = sequences[i]
+    ranks = np.asarray(_teacher_forced_ranks(model.config, heads_cfg, jnp.dtype(model.dtype),
+                                             max_topk, model.params, heads_params,
+                                             jnp.asarray(tokens)))  # [K, B, T]
+    for r, i in enumerate(chunk):
+      length = len(sequences[i])
+      for t in range(max(starts[i] - 1, 0), length - 2):  # depth 0 needs x_{t+2}
+        depth_known = np.arange(k_heads) + t + 2 < length
+        rows.append(np.where(depth_known, ranks[:, r, t], -1))
+  if not rows:
+    raise ValueError("no position to calibrate on: continuations need at least 2 tokens "
+                     "(raise max_new_tokens)")
+  return np.stack(rows).astype(np.int32)
+
+
+def calibrate(model, heads, prompts, max_new_tokens: int = 128, max_topk: int = MAX_TOPK,
+              chat: bool = False, batch_size: int = 8) -> Calibration:
+  """Per-depth top-k accuracies of `heads` (dir or (cfg, params)) on the base's greedy output."""
+  from hydra_jax.decoding import api  # api imports this module lazily: no cycle at import
+  heads_cfg, heads_params = api.load_draft_heads(model, heads)
+  ids = api.encode_prompts(model, prompts, chat=chat)
+  results = api.generate(model, ids, max_new_tokens, mode="ar", batch_size=batch_size)
+  sequences = [p + r.output_ids for p, r in zip(ids, results)]
+  ranks = teacher_forced_ranks(model, heads_cfg, heads_params, sequences, [len(p) for p in ids],
+                               max_topk, batch_size)
+  acc, eligible = accuracy_from_ranks(ranks, max_topk)
+  return Calibration(acc=acc, ranks=ranks, eligible=eligible, num_prompts=len(ids),
+                     max_topk=max_topk)
+
+
+# ----------------------------------------------------------------------------------------
+# Fitting
+
+
+def fit_tree(acc_DxK: Any, num_nodes: int) -> List[List[int]]:
+  """The num_nodes-node tree (root excluded) maximising expected accept length: grow_tree."""
+  return grow_tree(acc_DxK, num_nodes)
+
+
+def _prefix_counts(ranks_MxK: np.ndarray, max_topk: int) -> Dict[Tuple[int, ...], int]:
+  counts: Dict[Tuple[int, ...], int] = {}
+  for row in np.asarray(ranks_MxK).tolist():
+    for d in range(len(row)):
+      if not 0 <= row[d] < max_topk:
+        break
+      key = tuple(row[:d + 1])
+      counts[key] = counts.get(key, 0) + 1
+  return counts
+
+
+def replay_accept_length(tree: Union[CompiledTree, Sequence], ranks_MxK: np.ndarray) -> float:
+  """Mean accept length (bonus included) of greedy steps started at the calibrated positions.
+
+  No independence assumption: a step at t accepts the nodes whose path equals ranks[t]'s
+  prefix, so tau = 1 + sum over nodes of the share of positions matching the node's path.
+  A depth past the end of a sequence counts as a miss.
+  """
+  paths = tree.paths if isinstance(tree, CompiledTree) else [tuple(p) for p in tree]
+  counts = _prefix_counts(ranks_MxK, 1 + max(max(p) for p in paths))
+  return 1.0 + sum(counts.get(tuple(p), 0) for p in paths) / max(len(ranks_MxK), 1)
+
+
+def fit_tree_replay(ranks_MxK: np.ndarray, num_nodes: int, max_topk: int = MAX_TOPK
+                    ) -> List[List[int]]:
+  """The num_nodes-node tree maximising `replay_accept_length` on these ranks: the most
+  frequent rank prefixes (a child is never more frequent than its parent, so they form a
+  tree; ties go to the shorter, then smaller path; unseen paths fill up in rank order)."""
+  counts = _prefix_counts(ranks_MxK, max_topk)
+  chosen = sorted(counts, key=lambda p: (-counts[p], len(p), p))[:num_nodes]
+  if len(chosen) < num_nodes:  # fewer distinct prefixes than nodes: pad with unseen ones
+    seen = set(chosen)
+    depth = np.asarray(ranks_MxK).shape[1]
+    capacity = sum(max_topk ** d for d in range(1, depth + 1))
+    # Uniform accuracies: grow_tree's (length, path) order is then its greedy order, so any
+    # prefix of the unseen paths in that order keeps the tree prefix-closed.
+    flat = np.full((depth, max_topk), 0.5 / max_topk)
+    extra = [tuple(p) for p in grow_tree(flat, min(num_nodes + len(seen), capacity))]
+    chosen += [p for p in extra if p not in seen][:num_nodes - len(chosen)]
+  return [list(p) for p in sorted(chosen, key=lambda p: (len(p), p))]
+
+
+def _fitted(acc: np.ndarray, size: int) -> CompiledTree:
+  return compile_tree(fit_tree(acc, size - 1), name=f"fit_{size}")
+
+
+@dataclasses.dataclass
+class HardwareFit:
+  tree: CompiledTree  # the chosen tree
+  rows: List[Dict[str, Any]]  # one per candidate (and reference) tree
+  ar_step_ms: float
+
+  @property
+  def chosen(self) -> Dict[str, Any]:
+    return next(r for r in self.rows if r["chosen"])
+
+  def table(self) -> str:
+    lines = ["| tree | size (tokens/step) | expected tau | replay tau | step ms | "
+             "expected tokens/s | expected speedup |", "|---|---|---|---|---|---|---|",
+             f"| autoregressive | 1 | 1.000 | 1.000 | {self.ar_step_ms:.2f} | "
+             f"{1e3 / self.ar_step_ms:.1f} | 1.00x |"]
+    for r in self.rows:
+      mark = " (chosen)" if r["chosen"] else ""
+      replay = "-" if r.get("replay_tau") is None else f"{r['replay_tau']:.3f}"
+      lines.append(f"| {r['name']}{mark} | {r['size']} | {r['expected_tau']:.3f} | {replay} | "
+                   f"{r['step_ms']:.2f} | {r['expected_tokens_per_s']:.1f} | "
+                   f"{r['expected_speedup']:.2f}x |")
+    return "\n".join(lines)
+
+
+def _interleaved_medians(fns: Sequence[Callable[[], float]], repeats: int) -> List[float]:
+  # Round-robin so that load from other processes hits every candidate alike.
+  samples = [[] for _ in fns]
+  for _ in range(repeats):
+    for i, fn in enumerate(fns):
+      samples[i].append(fn())
+  return [statistics.median(s) for s in samples]
+
+
+def measure_step_times(model, heads_cfg: HeadsConfig, heads_params,
+                       trees: Sequence[CompiledTree], prompt_len: int = 32,
+                       max_new_tokens: int = 128, batch: int = 1, iters: int = 8,
+                       repeats: int = 5) -> Tuple[float, List[float]]:
+  """(AR step seconds, [speculative step seconds per tree]) on the current device.
+
+  Each timing runs `iters` steps in one jitted fori_loop (no per-step dispatch, like the
+  decode loops), rolling the cache length back after every step so that all steps see
+  prompt_len + max_new_tokens // 2 cached tokens; cache lengths are what `generate` would
+  plan for that prompt (a bigger tree may need a bigger cache bucket). Median of `repeats`.
+  """
+  from hydra_jax.decoding import speculative as spec
+  from hydra_jax.decoding.api import plan_shapes
+  from hydra_jax.model.kv_cache import init_cache
+  from hydra_jax.model.masks import cache_causal_mask
+
+  cfg, dtype, base = model.config, jnp.dtype(model.dtype), model.params
+  ctx = prompt_len + max_new_tokens // 2
+  tokens = (jnp.arange(batch * ctx, dtype=jnp.int32).reshape(batch, ctx) * 7919) % cfg.vocab_size
+  lens = jnp.full((batch,), ctx, jnp.int32)
+  big, no_stop = jnp.int32(2 ** 30), jnp.zeros((0,), jnp.int32)
+
+  def timer(fn, *args):
+    jax.block_until_ready(fn(*args))  # compile + warm-up
+
+    def once():
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      return (time.perf_counter() - t0) / iters
+    return once
+
+  # Autoregressive: one token with the cache, then argmax.
+  lm = LlamaModel(cfg, dtype=dtype)
+  _, s_ar = plan_shapes([prompt_len], max_new_tokens, cfg.max_position_embeddings)
+
+  @jax.jit
+  def ar_prefill(params, toks):
+    cache = init_cache(cfg, batch, s_ar, dtype)
+    positions = jnp.broadcast_to(jnp.arange(ctx, dtype=jnp.int32)[None], toks.shape)
+    _, _, cache = lm.apply({"params": params}, toks, positions, cache,
+                           cache_causal_mask(cache.lengths, ctx, s_ar))
+    return cache.with_lengths(lens), toks[:, -1]
+
+  @jax.jit
+  def ar_steps(params, carry):
+    def body(_, carry):
+      c, tok = carry
+      logits, _, c2 = lm.apply({"params": params}, tok[:, None], c.lengths[:, None], c,
+                               cache_causal_mask(c.lengths, 1, s_ar))
+      return c2.with_lengths(c.lengths), jnp.argmax(logits[:, 0], -1).astype(jnp.int32)
+    return jax.lax.fori_loop(0, iters, body, carry)[1]
+
+  fns = [timer(ar_steps, base, ar_prefill(base, tokens))]
+  for tree in trees:
+    models = spec.SpecModels(cfg, heads_cfg, tree, dtype)
+    _, s_tree = plan_shapes([prompt_len], max_new_tokens, cfg.max_position_embeddings,
+                            extra_slots=tree.num_nodes)
+    s_tree = max(s_tree, ctx + tree.num_nodes + 1)
+    state = jax.jit(lambda p, h, t, models=models, s=s_tree: spec.prefill(
+        models, p, h, t, lens, s, big, no_stop))(base, heads_params, tokens)
+
+    def spec_steps(params, hparams, state, models=models):
+      drafter = spec.heads_drafter(models, params, hparams)
+
+      def body(_, st):
+        new = spec.spec_step(models, params, hparams, drafter, st, big, no_stop)
+        return new.replace(
+            cache=new.cache.with_lengths(st.cache.lengths),
+            prefix_cache=None if new.prefix_cache is None else
+            new.prefix_cache.with_lengths(st.prefix_cache.lengths),
+            done_B=st.done_B, finish_B=st.finish_B, num_out_B=st.num_out_B, steps_B=st.steps_B)
+      return jax.lax.fori_loop(0, iters, body, state).root_B
+    fns.append(timer(jax.jit(spec_steps), base, heads_params, state))
+  times = _interleaved_medians(fns, repeats)
+  return times[0], times[1:]
+
+
+def fit_to_hardware(model, heads, acc: Any, sizes: Sequence[int] = DEFAULT_SIZES,
+                    max_nodes: Optional[int] = None, references: Sequence[str] = (),
+                    step_times: Optional[Mapping[Union[int, str], float]] = None,
+                    ar_step_time: Optional[float] = None, ranks: Optional[np.ndarray] = None,
+                    method: str = "independent", **measure_kw) -> HardwareFit:
+  """Grows a tree per size (tokens per step, root included), times them, keeps the fastest.
+
+  Expected tokens/s = expected tau / step time, where tau is expected_accept_length(tree, acc)
+  (method "independent", trees from `fit_tree`) or, with method "replay", the calibrated
+  positions' replay_accept_length (trees from `fit_tree_replay`; needs `ranks`). With `ranks`
+  every row also reports its replay tau. `references` (preset names or files) are timed and
+  tabled too but never chosen. `step_times` ({size or reference name: seconds}) and
+  `ar_step_time` replace the measurement (then model/heads may be None).
+  """
+  if method not in ("independent", "replay"):
+    raise ValueError(f"method must be 'independent' or 'replay', got {method!r}")
+  if method == "replay" and ranks is None:
+    raise ValueError("method='replay' needs the calibrated ranks (Calibration.ranks)")
+  acc = np.asarray(acc, np.float64)
+  depth, topk = acc.shape
+  capacity = sum(topk ** d for d in range(1, depth + 1)) + 1
+  sizes = sorted({min(int(s), capacity) for s in sizes
+                  if int(s) >= 2 and (max_nodes is None or int(s) <= max_nodes)})
+  if not sizes:
+    raise ValueError(f"no candidate size left: sizes must be >= 2 (root + 1 node) and <= "
+                     f"--max-nodes {max_nodes}")
+  if method == "replay":
+    trees = [compile_tree(fit_tree_replay(ranks, s - 1, topk), name=f"fit_{s}") for s in sizes]
+  else:
+    trees = [_fitted(acc, s) for s in sizes]
+  refs = []
+  for name in references:
+    ref = load_tree(name)
+    paths = [list(p) for p in ref.paths if len(p) <= depth and max(p) < topk]
+    refs.append(compile_tree(paths, name=ref.name))
+  if step_times is None:
+    heads_cfg, heads_params = _load_heads(model, heads)
+    ar_step_time, times = measure_step_times(model, heads_cfg, heads_params, trees + refs,
+                                             **measure_kw)
+  else:
+    if ar_step_time is None:
+      raise ValueError("injected step_times need ar_step_time too")
+    missing = [k for k in sizes + [r.name for r in refs] if k not in step_times]
+    if missing:
+      raise ValueError(f"step_times lacks {missing}")
+    times = [float(step_times[s]) for s in sizes] + [float(step_times[r.name]) for r in refs]
+  rows = []
+  for i, tree in enumerate(trees + refs):
+    replay = None if ranks is None else replay_accept_length(tree, ranks)
+    tau = replay if method == "replay" else expected_accept_length(tree, acc)
+    rows.append(dict(name=tree.name, size=tree.num_nodes, reference=i >= len(trees),
+                     paths=tree.to_json(),
+                     expected_tau=tau, replay_tau=replay, step_ms=times[i] * 1e3,
+                     expected_tokens_per_s=tau / times[i],
+                     expected_speedup=tau / times[i] * ar_step_time, chosen=False))
+  best = max(range(len(trees)), key=lambda i: (rows[i]["expected_tokens_per_s"], -i))
+  rows[best]["chosen"] = True
+  return HardwareFit(tree=trees[best], rows=rows, ar_step_ms=ar_step_time * 1e3)
+
+
+def _load_heads(model, heads) -> Tuple[HeadsConfig, Any]:
+  from hydra_jax.decoding import api
+  return api.load_draft_heads(model, heads)
+
+
+# ----------------------------------------------------------------------------------------
+# tree="auto"
+
+
+def resolve_tree(tree: Any, heads: Any, num_heads: Optional[int] = None) -> Any:
+  """`tree` unchanged unless it is "auto"; then HEADS_DIR/tree_auto.json or the fallback.
+
+  `heads` is what generate got: a directory, or a (HeadsConfig, params) pair (no stored tree:
+  falls back). The fallback mc_sim_7b_63 is cut to the heads' depth and logged as a warning.
+  """
+  if not (isinstance(tree, str) and tree == TREE_AUTO):
+    return tree
+  if isinstance(heads, (str, os.PathLike)):
+    path = os.path.join(os.path.expanduser(os.fspath(heads)), AUTO_TREE_FILE)
+    if os.path.isfile(path):
+      fitted = load_tree(path, num_heads=num_heads)
+      log.info("tree auto: %s from %s", fitted.describe(), path)
+      with open(path) as f:
+        meta = json.load(f)
+      device = meta.get("device") if isinstance(meta, dict) else None
+      here = f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}"
+      if device and device != here:
+        log.warning("tree auto: %s was fitted on %s but this device is %s; the best tree size "
+                    "depends on the device: refit it here with hydra_jax.decoding.tree_fit",
+                    path, device, here)
+      return fitted
+    where = f"{path} does not exist"
+  else:
+    where = "the heads were given as (config, params), not a directory"
+  fallback = load_tree(FALLBACK_TREE)
+  paths = [list(p) for p in fallback.paths if num_heads is None or len(p) <= num_heads]
+  log.warning("tree auto: %s, so using %s; fit one with `python -m hydra_jax.decoding.tree_fit "
+              "--model MODEL --heads HEADS_DIR --prompts PROMPTS.jsonl --out "
+              "HEADS_DIR/%s`", where, FALLBACK_TREE, AUTO_TREE_FILE)
+  return compile_tree(paths, num_heads=num_heads, name=FALLBACK_TREE)
+
+
+# ----------------------------------------------------------------------------------------
+# Command line
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description="Fits a speculation tree to draft heads and to this "
+                              "device; writes it as JSON (use --out HEADS_DIR/tree_auto.json "
+                              "for --tree auto).")
+  p.add_argument("--model", required=True, help="Hugging Face model directory")
+  p.add_argument("--heads", required=True, help="draft heads directory")
+  p.add_argument("--prompts", required=True, help='JSONL: {"prompt": TEXT} or {"prompt_ids": [...]}')
+  p.add_argument("--out", required=True, help="where to write the chosen tree (JSON)")
+  p.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES),
+                 help="candidate tree sizes: tokens verified per step, root included")
+  p.add_argument("--max-nodes", type=int, default=None, help="drop candidate sizes above this")
+  p.add_argument("--max-new-tokens", type=int, default=128,
+                 help="greedy continuation length per prompt for calibration (and the decode "
+                      "length the timing assumes)")
+  p.add_argument("--max-topk", type=int, default=MAX_TOPK)
+  p.add_argument("--chat", action="store_true", help="render text prompts with the chat template")
+  p.add_argument("--batch-size", type=int, default=8, help="calibration batch")
+  p.add_argument("--references", nargs="*", default=[FALLBACK_TREE],
+                 help="trees timed and tabled for comparison, never chosen")
+  p.add_argument("--method", choices=("independent", "replay"), default="independent",
+                 help="independent: grow_tree on acc[d, r] (expected tau under independence); "
+                      "replay: the most frequent rank prefixes of the calibrated positions")
+  p.add_argument("--iters", type=int, default=8, help="steps per timing")
+  p.add_argument("--repeats", type=int, default=7, help="timings per tree (median)")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  args = p.parse_args(argv)
+  # Our progress at INFO on stderr; other libraries' loggers keep their defaults.
+  handler = logging.StreamHandler(sys.stderr)
+  handler.setFormatter(logging.Formatter("%(message)s"))
+  logging.getLogger("hydra_jax").addHandler(handler)
+  logging.getLogger("hydra_jax").setLevel(logging.INFO)
+  logging.getLogger("hydra_jax").propagate = False  # a library may have set up the root logger
+
+  from hydra_jax.decoding import api
+  model = api.load_model(args.model, dtype=args.dtype)
+  heads_cfg, heads_params = api.load_draft_heads(model, args.heads)
+  prompts = read_prompts(args.prompts)
+  t0 = time.perf_counter()
+  cal = calibrate(model, (heads_cfg, heads_params), prompts, args.max_new_tokens, args.max_topk,
+                  args.chat, args.batch_size)
+  t_cal = time.perf_counter() - t0
+  print(f"# calibration: {cal.num_prompts} prompts, {cal.num_positions} positions, "
+        f"{t_cal:.1f}s; acc[d, r] (rows: depth, cols: rank):")
+  for d, row in enumerate(cal.acc):
+    print(f"#   depth {d + 1} ({cal.eligible[d]} positions): "
+          + " ".join(f"{x:.3f}" for x in row))
+  lengths = [len(p) for p in api.encode_prompts(model, prompts, chat=args.chat)]
+  t0 = time.perf_counter()
+  fit = fit_to_hardware(model, (heads_cfg, heads_params), cal.acc, args.sizes, args.max_nodes,
+                        args.references, ranks=cal.ranks, method=args.method,
+                        prompt_len=int(np.median(lengths)),
+                        max_new_tokens=args.max_new_tokens, iters=args.iters,
+                        repeats=args.repeats)
+  print(f"# timing on {jax.devices()[0].device_kind}: {time.perf_counter() - t0:.1f}s")
+  print(fit.table())
+  chosen = fit.chosen
+  name = f"fit_{heads_cfg.arch}_{chosen['size']}"
+  out = {"name": name, "paths": fit.tree.to_json(), "size": chosen["size"],
+         "expected_tau": chosen["expected_tau"], "replay_tau": chosen["replay_tau"],
+         "method": args.method, "heads_arch": heads_cfg.arch,
+         "base_fingerprint": model.config.fingerprint(),
+         "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
+         "ar_step_ms": fit.ar_step_ms, "table": fit.rows, "acc": cal.acc.tolist(),
+         "calibration": {"prompts": os.path.basename(args.prompts),
+                         "num_prompts": cal.num_prompts, "positions": cal.num_positions,
+                         "max_new_tokens": args.max_new_tokens, "max_topk": args.max_topk,
+                         "eligible": cal.eligible.tolist()}}
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump(out, f, indent=1)
+  print(f"wrote {args.out}: {fit.tree.describe()}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

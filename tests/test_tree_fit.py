@@ -1,0 +1,220 @@
+"""Trees fitted to the heads and the hardware (hydra_jax.decoding.tree_fit).
+
+The calibration's teacher-forced ranks are checked against the speculative engine itself: a
+greedy step started at position t accepts exactly the longest tree path whose ranks equal the
+calibrated ranks[t]. Tree growing is checked against brute force over all trees, the hardware
+fit against the argmax over an injected latency table, and --tree auto end to end.
+"""
+
+import itertools
+import json
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hydra_jax.checkpoint.heads_io import save_heads
+from hydra_jax.decoding import api, tree_fit
+from hydra_jax.decoding import speculative as spec
+from hydra_jax.decoding.tree import compile_tree, expected_accept_length, load_tree
+from hydra_jax.model.heads import HeadsConfig, init_heads
+from hydra_jax.testing import make_hf_model
+
+# A small vocabulary, so that random heads rank the true token anywhere in 0..31: the ranks
+# (and so the accept lengths) vary from position to position.
+VOCAB = 32
+PROMPTS = [[5, 9, 11, 4], [7, 30, 12, 8, 21, 6, 17], [13, 14, 15]]
+MAX_NEW = 30
+
+
+def _randomize(params, seed, scale=0.3):
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  return jax.tree_util.tree_unflatten(
+      treedef, [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  root = tmp_path_factory.mktemp("tree_fit")
+  model_dir = str(root / "model")
+  # No EOS within reach of the prompts' continuations: eos is token 31 (still a valid id).
+  make_hf_model(model_dir, vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2,
+                num_heads=2, num_kv_heads=1, weight_std=0.3, tokenizer=False, eos_token_id=31,
+                seed=1)
+  model = api.load_model(model_dir, tokenizer=False)
+  heads = {}
+  for i, arch in enumerate(("medusa", "hydra++")):
+    cfg = HeadsConfig.for_base(model.config, arch, num_heads=3, num_layers=1)
+    params = _randomize(init_heads(cfg, model.config, model.params, jax.random.PRNGKey(i)), i)
+    heads[arch] = (cfg, params)
+  return dict(root=root, model_dir=model_dir, model=model, heads=heads)
+
+
+def _accept_from_ranks(tree, ranks_K):
+  """Longest tree path whose ranks equal the true tokens' ranks: what greedy accepts."""
+  return max([0] + [len(p) for p in tree.paths if tuple(ranks_K[:len(p)]) == p])
+
+
+@pytest.mark.parametrize("arch", ["medusa", "hydra++"])
+def test_calibrated_ranks_predict_every_speculative_step(setup, arch):
+  model = setup["model"]
+  cfg, params = setup["heads"][arch]
+  cal = tree_fit.calibrate(model, (cfg, params), PROMPTS, max_new_tokens=MAX_NEW)
+  ar = api.generate(model, PROMPTS, MAX_NEW)
+  seqs = [p + r.output_ids for p, r in zip(PROMPTS, ar)]
+  assert cal.num_positions == sum(len(s) - len(p) - 1 for s, p in zip(seqs, PROMPTS))
+
+  # acc by direct counting over positions: prefix within the top-10, then the rank's share.
+  direct = np.zeros_like(cal.acc)
+  for d in range(cfg.num_heads):
+    rows = [r for r in cal.ranks if r[d] >= 0 and all(0 <= x < 10 for x in r[:d])]
+    for r in range(10):
+      direct[d, r] = sum(row[d] == r for row in rows) / max(len(rows), 1)
+    assert cal.eligible[d] == len(rows)
+  np.testing.assert_allclose(cal.acc, direct)
+  assert 0.05 < cal.acc[0].sum() < 0.95  # random heads over 32 tokens: varied ranks
+
+  # Replay: one greedy speculative step from every position whose 3 depths are known, all
+  # positions as rows of one batch, with a tree fitted to these accuracies.
+  tree = compile_tree(tree_fit.fit_tree(cal.acc, 24), name="fit")
+  starts, rows = [], []
+  i = 0
+  for s, p in zip(seqs, PROMPTS):
+    for t in range(len(p) - 1, len(s) - 2):
+      if t + cfg.num_heads + 1 < len(s):
+        starts.append((s, t))
+        rows.append(cal.ranks[i])
+      i += 1
+  assert i == cal.num_positions
+  b, width, cache_len = len(starts), 48, 96
+  prompt = np.zeros((b, width), np.int32)
+  lens = np.array([t + 1 for _, t in starts], np.int32)
+  for r, (s, t) in enumerate(starts):
+    prompt[r, :t + 1] = s[:t + 1]
+  models = spec.SpecModels(model.config, cfg, tree)
+
+  @jax.jit
+  def one_step(base, hp, prompt, lens):
+    stop = jnp.zeros((0,), jnp.int32)
+    state = spec.prefill(models, base, hp, prompt, lens, cache_len, jnp.int32(100), stop)
+    drafter = spec.heads_drafter(models, base, hp)
+    return spec.spec_step(models, base, hp, drafter, state, jnp.int32(100), stop)
+
+  state = one_step(model.params, params, jnp.asarray(prompt), jnp.asarray(lens))
+  got = np.asarray(state.accepted_BxC[:, 0]) - 1
+  want = np.array([_accept_from_ranks(tree, row) for row in rows])
+  np.testing.assert_array_equal(got, want)
+  assert len(set(want.tolist())) >= 2, "the replay should see several accept lengths"
+  # The replay estimate is the engine's mean accept length over these steps, exactly.
+  assert tree_fit.replay_accept_length(tree, np.stack(rows)) == pytest.approx(1 + got.mean())
+  out = np.asarray(state.out_BxC)
+  for r, (s, t) in enumerate(starts):  # and the emitted tokens are the greedy ones
+    assert out[r, :want[r] + 2].tolist() == s[t + 1:t + want[r] + 3]
+
+
+def _all_trees(depth, topk, n):
+  nodes = [p for d in range(1, depth + 1) for p in itertools.product(range(topk), repeat=d)]
+  for subset in itertools.combinations(nodes, n):
+    chosen = set(subset)
+    if all(len(p) == 1 or p[:-1] in chosen for p in subset):
+      yield [list(p) for p in subset]
+
+
+def test_fit_tree_maximises_expected_accept_length_by_brute_force():
+  rng = np.random.default_rng(0)
+  for trial in range(3):
+    acc = rng.dirichlet(np.ones(4), size=2)[:, :3]  # [depth 2, top-3], rows sum < 1
+    for n in range(1, 6):
+      fitted = tree_fit.fit_tree(acc, n)
+      assert len(fitted) == n
+      best = max(expected_accept_length(t, acc) for t in _all_trees(2, 3, n))
+      assert expected_accept_length(fitted, acc) == pytest.approx(best, abs=1e-12)
+
+
+def test_fit_tree_replay_maximises_replay_accept_length_by_brute_force():
+  rng = np.random.default_rng(2)
+  ranks = np.minimum(rng.geometric(0.45, size=(300, 2)) - 1, 3)  # rank 3 = miss (top-3)
+  ranks[:5, 1] = -1  # sequence ends: depth 2 unknown
+  for n in range(1, 7):
+    fitted = tree_fit.fit_tree_replay(ranks, n, max_topk=3)
+    assert len(fitted) == n
+    best = max(tree_fit.replay_accept_length(t, ranks) for t in _all_trees(2, 3, n))
+    assert tree_fit.replay_accept_length(fitted, ranks) == pytest.approx(best, abs=1e-12)
+  # More nodes than distinct prefixes: still a valid tree of the requested size.
+  assert len(compile_tree(tree_fit.fit_tree_replay(ranks[:3], 7, max_topk=3)).paths) == 7
+
+
+def test_hardware_fit_takes_the_argmax_of_expected_tokens_per_second():
+  acc = tree_fit.accuracy_from_ranks(
+      np.random.default_rng(1).geometric(0.5, size=(4000, 3)) - 1, 10)[0]
+  sizes = (4, 8, 16, 32, 64)
+  direct = {s: expected_accept_length(compile_tree(tree_fit.fit_tree(acc, s - 1)), acc)
+            for s in sizes}
+  ref = load_tree("mc_sim_7b_63")
+  ref_tau = expected_accept_length([list(p) for p in ref.paths if len(p) <= 3], acc)
+  tables = [{4: 1.0, 8: 1.0, 16: 1.0, 32: 1.0, 64: 1.0},  # free verify: the biggest tree
+            {s: 0.5 + s / 16 for s in sizes},  # costly verify: an interior optimum
+            {s: 1.0 + (s > 8) * 10.0 for s in sizes}]  # a cliff after 8
+  for table in tables:
+    fit = tree_fit.fit_to_hardware(None, None, acc, sizes, references=["mc_sim_7b_63"],
+                                   step_times={**table, "mc_sim_7b_63": 1e-3},
+                                   ar_step_time=0.25)
+    want = max(sizes, key=lambda s: direct[s] / table[s])
+    assert fit.tree.num_nodes == want
+    assert fit.tree.paths == compile_tree(tree_fit.fit_tree(acc, want - 1)).paths
+    row = fit.chosen
+    assert row["expected_tau"] == pytest.approx(direct[want])
+    assert row["expected_speedup"] == pytest.approx(direct[want] / table[want] * 0.25)
+    refs = [r for r in fit.rows if r["reference"]]  # timed and tabled, never chosen
+    assert len(refs) == 1 and not refs[0]["chosen"]
+    assert refs[0]["expected_tau"] == pytest.approx(ref_tau)
+  fit = tree_fit.fit_to_hardware(None, None, acc, sizes, max_nodes=16,
+                                 step_times=tables[0], ar_step_time=1.0)
+  assert [r["size"] for r in fit.rows] == [4, 8, 16] and fit.tree.num_nodes == 16
+
+
+def test_resolve_tree_auto(setup, tmp_path, caplog):
+  assert tree_fit.resolve_tree("greedy_15", str(tmp_path)) == "greedy_15"
+  with caplog.at_level(logging.WARNING, logger="hydra_jax.decoding"):
+    fallback = tree_fit.resolve_tree("auto", str(tmp_path), num_heads=2)
+  assert "tree_auto.json does not exist" in caplog.text and "mc_sim_7b_63" in caplog.text
+  want = [p for p in load_tree("mc_sim_7b_63").paths if len(p) <= 2]
+  assert list(fallback.paths) == sorted(want, key=lambda p: (len(p), p))
+  assert tree_fit.resolve_tree("auto", setup["heads"]["medusa"]).name == "mc_sim_7b_63"
+  with open(tmp_path / "tree_auto.json", "w") as f:
+    json.dump({"name": "mine", "paths": [[0], [1], [0, 0]], "table": []}, f)
+  stored = tree_fit.resolve_tree("auto", str(tmp_path), num_heads=2)
+  assert stored.name == "mine" and stored.paths == ((0,), (1,), (0, 0))
+
+
+def test_cli_writes_a_tree_that_generate_uses_with_tree_auto(setup, tmp_path):
+  model = setup["model"]
+  cfg, params = setup["heads"]["hydra++"]
+  heads_dir = str(tmp_path / "heads")
+  save_heads(heads_dir, params, cfg, base_cfg=model.config)
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text("".join(json.dumps({"prompt_ids": p}) + "\n" for p in PROMPTS))
+  out = os.path.join(heads_dir, "tree_auto.json")
+  assert tree_fit.main(["--model", setup["model_dir"], "--heads", heads_dir, "--prompts",
+                        str(prompts), "--out", out, "--sizes", "4", "8", "--max-new-tokens",
+                        str(MAX_NEW), "--references", "--iters", "2", "--repeats", "1"]) == 0
+  with open(out) as f:
+    saved = json.load(f)
+  acc = np.asarray(saved["acc"])
+  cal = tree_fit.calibrate(model, (cfg, params), PROMPTS, max_new_tokens=MAX_NEW)
+  np.testing.assert_allclose(acc, cal.acc)
+  assert [r["size"] for r in saved["table"]] == [4, 8]
+  best = max(saved["table"], key=lambda r: r["expected_tokens_per_s"])
+  assert best["chosen"] and saved["size"] == best["size"]
+  assert saved["paths"] == tree_fit.fit_tree(acc, best["size"] - 1)
+  assert all(r["step_ms"] > 0 for r in saved["table"]) and saved["ar_step_ms"] > 0
+
+  ar = api.generate(model, PROMPTS, 12)
+  sp = api.generate(model, PROMPTS, 12, heads=heads_dir, tree="auto")
+  assert [r.output_ids for r in sp] == [r.output_ids for r in ar]
+  used = [k[2] for k in api._SPEC_ENGINES if k[1] == cfg]
+  assert compile_tree(saved["paths"]) in used
