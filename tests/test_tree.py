@@ -4,6 +4,7 @@ numpy only: nothing here compiles with jax.
 """
 
 import itertools
+from fractions import Fraction
 import json
 import re
 from pathlib import Path
@@ -233,12 +234,32 @@ def test_grow_tree_respects_limits():
 
 
 def test_presets_are_reproducible():
+  """presets/trees.json is exactly what build_presets grows, on any platform.
+
+  The grown presets' accuracy model is full of exact ties; grow_tree compares the path
+  probabilities as rationals, so the rebuild cannot depend on float rounding (a numpy build
+  once broke ties differently and rebuilt greedy_63 / greedy_127 with other tied nodes). And
+  each grown preset holds the N most likely nodes: no node outside it beats one inside.
+  """
   presets = tree_lib.preset_trees()
   assert {"mc_sim_7b_63", "chain_4", "single"} <= set(presets)
   rebuilt = tree_lib.build_presets(presets)
   assert rebuilt == presets
   assert presets["chain_4"] == [[0], [0, 0], [0, 0, 0], [0, 0, 0, 0]]
+  exact = tree_lib.preset_accuracies(exact=True)
+
+  def prob(path):
+    out = Fraction(1)
+    for d, r in enumerate(path):
+      out *= exact[d][r]
+    return out
+
   for name in presets:
     t = load_tree(name, num_heads=4, max_topk=10)  # every preset fits 4 heads, top-10
     if name.startswith("greedy_"):
       assert t.num_nodes - 1 == int(name.split("_")[1])
+      inside = {tuple(p) for p in presets[name]}
+      frontier = {p[:-1] + (r,) for p in inside for r in range(10)} | {(r,) for r in range(10)}
+      frontier |= {p + (r,) for p in inside if len(p) < 4 for r in range(10)}
+      outside = frontier - inside
+      assert max(prob(p) for p in outside) <= min(prob(p) for p in inside), name

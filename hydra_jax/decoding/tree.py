@@ -19,6 +19,7 @@ import dataclasses
 import heapq
 import json
 import os
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -302,16 +303,22 @@ def grow_tree(acc_DxK: Any, num_nodes: int) -> List[List[int]]:
   Greedy: keep a frontier of candidate children of the tree so far and add the one with the
   highest path probability. Since acc <= 1, a child is never more likely than its parent, so
   the num_nodes most likely nodes form a valid (prefix-closed) tree and greedy finds it: it is
-  optimal, not a heuristic. Ties go to the shorter, then lexicographically smaller path, so
-  the result is reproducible. Depth <= acc.shape[0], ranks < acc.shape[1].
+  optimal, not a heuristic. Depth <= acc.shape[0], ranks < acc.shape[1].
+
+  Path probabilities are compared EXACTLY, as rationals (`fractions.Fraction`; a float entry
+  stands for its exact binary value), so that real ties stay ties on every platform: float
+  products in another order, or another numpy build, would break them by rounding noise.
+  Ties go to the shorter, then the lexicographically smaller path. `acc_DxK` may hold
+  Fractions (`preset_accuracies(exact=True)`) to avoid even the rounding of its entries.
   """
-  acc = _check_acc(acc_DxK)
-  depth, topk = acc.shape
+  _check_acc(acc_DxK)
+  exact = [[x if isinstance(x, Fraction) else Fraction(float(x)) for x in row] for row in acc_DxK]
+  depth, topk = len(exact), len(exact[0])
   capacity = sum(topk ** d for d in range(1, depth + 1))
   if not 1 <= num_nodes <= capacity:
     raise ValueError(f"num_nodes must lie in [1, {capacity}] for depth {depth} and top-{topk}, "
                      f"got {num_nodes}")
-  frontier = [(-float(acc[0, r]), 1, (r,)) for r in range(topk)]
+  frontier = [(-exact[0][r], 1, (r,)) for r in range(topk)]
   heapq.heapify(frontier)
   chosen = []
   while len(chosen) < num_nodes:
@@ -319,7 +326,7 @@ def grow_tree(acc_DxK: Any, num_nodes: int) -> List[List[int]]:
     chosen.append(path)
     if length < depth:
       for r in range(topk):
-        heapq.heappush(frontier, (neg * float(acc[length, r]), length + 1, path + (r,)))
+        heapq.heappush(frontier, (neg * exact[length][r], length + 1, path + (r,)))
   return [list(p) for p in sorted(chosen, key=lambda p: (len(p), p))]
 
 
@@ -335,30 +342,37 @@ def grow_tree(acc_DxK: Any, num_nodes: int) -> List[List[int]]:
 # ranks, depth 4 (4 heads). `grow_tree` then picks the N most likely nodes, which is the
 # N-node tree with the highest expected accept length under this model. Sizes N = 2^k - 1,
 # so that root + N tree tokens fill a power of two. Under the same model mc_sim_7b_63 scores
-# 2.69 and greedy_63 2.73.
+# 2.69 and greedy_63 2.73. The model has many exact ties (e.g. ranks [1, 1, 2] and [3, 0, 1]
+# both have probability 0.56 * 0.32 * 0.20 * 0.44**4): grow_tree compares rationals, so the
+# files are the same on every platform (greedy_63 and greedy_127 were regenerated when it
+# started to, changing 3 and 1 tied nodes, same expected accept length).
 #
 # The other presets: mc_sim_7b_63 and single are copied verbatim from the reference trees
 # (shared/data/reference_trees.json); chain_4 is the depth-4 chain of top-1 tokens.
 
-PRESET_TOP1_ACCURACY = (0.56, 0.32, 0.20, 0.15)
-PRESET_RANK_DECAY = 1.0 - PRESET_TOP1_ACCURACY[0]
+PRESET_TOP1_ACCURACY = ("0.56", "0.32", "0.20", "0.15")  # decimal strings: exact rationals
 PRESET_TOPK = 10
 PRESET_GROWN_SIZES = (7, 15, 31, 63, 127)
 REFERENCE_PRESETS = ("mc_sim_7b_63", "single")
 
 
-def preset_accuracies(top1: Sequence[float] = PRESET_TOP1_ACCURACY,
-                      decay: float = PRESET_RANK_DECAY, topk: int = PRESET_TOPK) -> np.ndarray:
-  """acc [D, K] = top1[d] * decay**r: the accuracy model the grown presets were built with."""
-  top1 = np.asarray(top1, np.float64)
-  return top1[:, None] * decay ** np.arange(topk, dtype=np.float64)[None, :]
+def preset_accuracies(exact: bool = False, topk: int = PRESET_TOPK):
+  """acc [D, K] = top1[d] * decay**r, decay = 1 - top1[0]: the model of the grown presets.
+
+  exact=True: nested lists of Fractions (what `build_presets` grows from, so the presets do
+  not depend on how a numpy build rounds powers); else a float64 array.
+  """
+  top1 = [Fraction(a) for a in PRESET_TOP1_ACCURACY]
+  decay = 1 - top1[0]
+  table = [[a * decay ** r for r in range(topk)] for a in top1]
+  return table if exact else np.asarray([[float(x) for x in row] for row in table], np.float64)
 
 
 def build_presets(reference: Dict[str, Any]) -> Dict[str, List[List[int]]]:
   """All presets: the reference trees copied, the chain, and the grown trees."""
   out = {name: [list(p) for p in reference[name]] for name in REFERENCE_PRESETS if name in reference}
   out["chain_4"] = [[0] * d for d in range(1, 5)]
-  acc = preset_accuracies()
+  acc = preset_accuracies(exact=True)
   for n in PRESET_GROWN_SIZES:
     out[f"greedy_{n}"] = grow_tree(acc, n)
   return out
