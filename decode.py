@@ -14,6 +14,8 @@ Speculative decoding with draft heads (ours, or a released Hydra / Medusa checkp
       --max-new-tokens 128 [--accept greedy|typical|exact] [--json]
 
 --json then adds accept_length (tokens per base forward, bonus included) and accepted_per_step.
+Heads recorded for another base model (config or weights) are refused; --allow-heads-mismatch
+loads them anyway when the shapes fit.
 """
 
 from __future__ import annotations
@@ -21,12 +23,33 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
-from typing import List, Union
+from typing import Callable, List, Union
 
 
 class UsageError(ValueError):
   pass
+
+
+def _number(kind: Callable, what: str, ok: Callable[[float], bool]):
+  """An argparse type: `kind` (int / float) that is finite and passes `ok`, else a usage error."""
+  def parse(text: str):
+    try:
+      value = kind(text)
+    except ValueError:
+      what_kind = "an integer" if kind is int else "a number"
+      raise argparse.ArgumentTypeError(f"{text!r} is not {what_kind}")
+    if not math.isfinite(value) or not ok(value):
+      raise argparse.ArgumentTypeError(f"{text!r}: must be {what}")
+    return value
+  parse.__name__ = kind.__name__  # argparse names the type in its messages
+  return parse
+
+
+_NON_NEGATIVE = _number(float, "a finite number >= 0", lambda v: v >= 0)
+_POSITIVE_INT = _number(int, "an integer >= 1", lambda v: v >= 1)
+_TOKEN_ID = _number(int, "a token id >= 0", lambda v: v >= 0)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -36,20 +59,26 @@ def parse_args(argv=None) -> argparse.Namespace:
   src.add_argument("--prompt", help="one text prompt")
   src.add_argument("--prompts-file", help='JSONL: {"prompt": TEXT} or {"prompt_ids": [ids]}')
   p.add_argument("--chat", action="store_true", help="render text prompts with the chat template")
-  p.add_argument("--max-new-tokens", type=int, required=True)
-  p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-  p.add_argument("--top-k", type=int, default=0, help="0 = off")
-  p.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
+  p.add_argument("--max-new-tokens", type=_POSITIVE_INT, required=True)
+  p.add_argument("--temperature", type=_NON_NEGATIVE, default=0.0, help="0 = greedy")
+  p.add_argument("--top-k", type=_number(int, "an integer >= 0", lambda v: v >= 0), default=0,
+                 help="0 = off")
+  p.add_argument("--top-p", type=_number(float, "in (0, 1]", lambda v: 0 < v <= 1), default=1.0,
+                 help="1.0 = off")
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--batch-size", type=int, default=1)
-  p.add_argument("--stop-ids", type=int, nargs="*", default=None,
+  p.add_argument("--batch-size", type=_POSITIVE_INT, default=1)
+  p.add_argument("--stop-ids", type=_TOKEN_ID, nargs="*", default=None,
                  help="extra stop token ids (the model's EOS ids always stop)")
   p.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-  p.add_argument("--cache-len", "--max-cache-len", dest="cache_len", type=int, default=None,
+  p.add_argument("--cache-len", "--max-cache-len", dest="cache_len", type=_POSITIVE_INT,
+                 default=None,
                  help="KV cache slots per row (default: prompt + max new tokens, bucketed)")
   p.add_argument("--heads", default=None,
                  help="draft heads directory (ours, or released Hydra / Medusa); enables --mode spec")
+  p.add_argument("--allow-heads-mismatch", action="store_true",
+                 help="load heads recorded for another base model (config or weights) as long "
+                      "as their shapes fit, with a warning")
   p.add_argument("--tree", default="mc_sim_7b_63",
                  help="speculation tree: a preset name, a JSON file of top-k rank paths, or "
                       "auto (HEADS_DIR/tree_auto.json from hydra_jax.decoding.tree_fit)")
@@ -57,21 +86,26 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="ar = autoregressive, spec = speculative (default: spec when --heads given)")
   p.add_argument("--accept", choices=("greedy", "typical", "exact"), default=None,
                  help="acceptance rule (default: greedy at temperature 0, exact otherwise)")
-  p.add_argument("--posterior-threshold", type=float, default=0.09,
+  p.add_argument("--posterior-threshold", type=_NON_NEGATIVE, default=0.09,
                  help="typical acceptance: eps in p(x) > min(eps, alpha * exp(-H))")
-  p.add_argument("--posterior-alpha", type=float, default=0.3,
+  p.add_argument("--posterior-alpha", type=_NON_NEGATIVE, default=0.3,
                  help="typical acceptance: alpha in p(x) > min(eps, alpha * exp(-H))")
   return p.parse_args(argv)
 
 
 def read_prompts_file(path: str) -> List[Union[str, List[int]]]:
   try:
-    with open(path) as f:
-      lines = f.readlines()
+    with open(path, "rb") as f:
+      raw_lines = f.read().split(b"\n")
   except OSError as e:
     raise UsageError(f"cannot read --prompts-file {path}: {e.strerror}")
   prompts = []
-  for n, line in enumerate(lines, 1):
+  for n, raw in enumerate(raw_lines, 1):
+    try:
+      line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise UsageError(f"{path}:{n}: not UTF-8 (byte {e.start} of the line); save the file as "
+                       f"UTF-8")
     if not line.strip():
       continue
     try:
@@ -100,6 +134,9 @@ def main(argv=None) -> int:
   logger = logging.getLogger("hydra_jax")
   logger.addHandler(handler)
   logger.setLevel(logging.INFO)
+  # Importing orbax (heads checkpoints) installs a handler on the root logger; propagating
+  # there printed every line a second time, as "INFO:hydra_jax.decoding:...".
+  logger.propagate = False
   # Heavy imports after argument parsing, so --help and usage errors are instant.
   from hydra_jax.checkpoint.hf import CheckpointError
   from hydra_jax.decoding.api import DecodeInputError, generate, load_model
@@ -107,6 +144,8 @@ def main(argv=None) -> int:
   from hydra_jax.model.config import UnsupportedModelError
   from hydra_jax.model.heads import HeadsMismatchError
 
+  # Passed only when set: the keyword is newer than the rest of generate's signature.
+  mismatch = {"allow_heads_mismatch": True} if args.allow_heads_mismatch else {}
   try:
     prompts = read_prompts_file(args.prompts_file) if args.prompts_file else [args.prompt]
     model = load_model(args.model, dtype=args.dtype)
@@ -116,7 +155,7 @@ def main(argv=None) -> int:
                        cache_len=args.cache_len, heads=args.heads, tree=args.tree,
                        mode=args.mode, accept=args.accept,
                        posterior_threshold=args.posterior_threshold,
-                       posterior_alpha=args.posterior_alpha)
+                       posterior_alpha=args.posterior_alpha, **mismatch)
   except (UsageError, DecodeInputError, CheckpointError, UnsupportedModelError, TreeError,
           HeadsMismatchError) as e:
     print(f"decode.py: error: {e}", file=sys.stderr)

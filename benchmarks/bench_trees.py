@@ -73,10 +73,11 @@ def main(argv=None):
     for fit in [fitted] + [e for e in extra if e.get("heads_arch") == arch]:
       tag = "" if fit is fitted else f"[{fit.get('method', '?')}]"
       trees["auto" + tag] = compile_tree(fit["paths"], name=fit["name"])
-      # The fit's 64-token candidate (63 nodes, like mc_sim_7b_63).
-      row64 = [r for r in fit["table"] if r["size"] == 64 and not r["reference"]]
-      trees["fit_64" + tag] = compile_tree(row64[0]["paths"] if row64 and "paths" in row64[0]
-                                           else fit_tree(acc, 63), name="fit_64" + tag)
+      # The fit's best 64-token candidate (63 nodes, like mc_sim_7b_63).
+      row64 = [r for r in fit["table"] if r["size"] == 64 and not r["reference"] and "paths" in r]
+      row64 = max(row64, key=lambda r: r["expected_tau"], default=None)
+      trees["fit_64" + tag] = compile_tree(row64["paths"] if row64 else fit_tree(acc, 63),
+                                           name="fit_64" + tag)
     seen = {}
     for role, tree in trees.items():
       if tree in seen:  # the same paths under another role: run once

@@ -379,21 +379,10 @@ def _device() -> str:
   return f"{jax.device_count()} x {d.platform}:{getattr(d, 'device_kind', '?')}"
 
 
-def _load_tree(spec: str, heads_dir: str, num_heads: int):
-  """A preset or JSON file; "auto" = the tree fitted for these heads (HEADS_DIR/tree_auto.json)."""
-  from hydra_jax.decoding.tree import load_tree
-  if spec == "auto":
-    try:
-      from hydra_jax.decoding.tree_fit import resolve_tree
-    except ImportError:
-      raise BenchError("--tree auto needs hydra_jax.decoding.tree_fit; name a tree instead") from None
-    spec = resolve_tree(spec, heads_dir, num_heads=num_heads)
-  return load_tree(spec, num_heads=num_heads)
-
-
 def run(args: argparse.Namespace) -> Dict[str, Any]:
   from hydra_jax import embedded
   from hydra_jax.decoding.api import load_draft_heads, load_model, plan_shapes
+  from hydra_jax.decoding.tree import resolve_tree
 
   heads_specs = (parse_heads(args.heads) if args.heads
                  else [(embedded.HEAD_LABELS[k], d) for k, d in embedded.heads_dirs().items()])
@@ -411,7 +400,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
   for name, path in heads_specs:
     heads = load_draft_heads(model, path)  # once: generate then reuses the arrays
     for spec in args.tree:
-      tree = _load_tree(spec, path, heads[0].num_heads)
+      tree = resolve_tree(spec, path, heads[0].num_heads, heads[0].draft_vocab_size)
       label = name if len(args.tree) == 1 else f"{name} / {tree.name}"
       methods.append(Method(label, name, heads, tree, heads[0].arch, path))
 

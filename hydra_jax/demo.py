@@ -35,8 +35,8 @@ EMBEDDED_MODEL = os.path.join(ASSETS_DIR, "tiny_shakespeare")
 HEADS_SUBDIR = "heads"  # MODEL/heads/{medusa,hydra,hydra_pp}/ hold the shipped draft heads
 DEFAULT_HEADS_KIND = "hydra_pp"
 DEFAULT_PROMPT = "JULIET:\nO Romeo, Romeo! wherefore art thou Romeo?\n"
-DEFAULT_TREE = "auto"  # the tree fitted to the heads when they ship one, else FALLBACK_TREE
-FALLBACK_TREE = "mc_sim_7b_63"
+DEFAULT_TREE = "auto"  # the tree fitted to the heads when they ship one (tree.resolve_tree)
+
 
 # ANSI: accepted drafts black on green (a background shows drafted spaces too), prompt dim.
 _ANSI_DRAFT, _ANSI_DIM, _ANSI_RESET = "\x1b[30;42m", "\x1b[2m", "\x1b[0m"
@@ -229,6 +229,7 @@ def run_demo(model, heads, prompt: str = DEFAULT_PROMPT, max_new_tokens: int = 1
   import time
 
   from hydra_jax.decoding.api import generate, load_draft_heads, load_model
+  from hydra_jax.decoding.tree import resolve_tree
 
   if isinstance(model, str):
     model = load_model(model)
@@ -237,7 +238,8 @@ def run_demo(model, heads, prompt: str = DEFAULT_PROMPT, max_new_tokens: int = 1
   if int(repeats) < 1:
     raise DemoError(f"repeats must be >= 1, got {repeats}")
   heads_cfg, heads_params = load_draft_heads(model, heads)
-  compiled = resolve_tree(tree, heads, heads_cfg.num_heads)
+  compiled = resolve_tree(tree, None if isinstance(heads, (tuple, list)) else heads,
+                          heads_cfg.num_heads, heads_cfg.draft_vocab_size)
   say = log or (lambda msg: None)
   kw = dict(max_new_tokens=int(max_new_tokens), chat=chat)
   spec_kw = dict(kw, heads=(heads_cfg, heads_params), tree=compiled, mode="spec")
@@ -275,28 +277,6 @@ def run_demo(model, heads, prompt: str = DEFAULT_PROMPT, max_new_tokens: int = 1
       ar_time_s=best_ar.time_s, compile_s=compile_s, identical=mismatch is None,
       first_mismatch=mismatch, heads_arch=heads_cfg.arch, tree=compiled.name or "custom",
       repeats=int(repeats))
-
-
-def resolve_tree(tree, heads, num_heads: int):
-  """A CompiledTree from a preset name, JSON file, CompiledTree or "auto".
-
-  "auto" is the tree fitted to the heads (HEADS_DIR/tree_auto.json, written by
-  `python -m hydra_jax.decoding.tree_fit`), else mc_sim_7b_63 cut to the heads' depth.
-  """
-  from hydra_jax.decoding.tree import CompiledTree, compile_tree, load_tree
-  if isinstance(tree, CompiledTree):
-    return tree
-  if isinstance(tree, str) and tree == "auto":
-    try:  # the project's definition of "auto", where this checkout has it
-      from hydra_jax.decoding.tree_fit import resolve_tree as resolve_auto
-    except ImportError:
-      fallback = load_tree(FALLBACK_TREE)
-      return compile_tree([p for p in fallback.paths if len(p) <= num_heads],
-                          num_heads=num_heads, name=FALLBACK_TREE)
-    tree = resolve_auto(tree, heads, num_heads=num_heads)
-    if isinstance(tree, CompiledTree):
-      return tree
-  return load_tree(tree, num_heads=num_heads)
 
 
 def summary_lines(res: DemoResult) -> List[str]:
@@ -375,8 +355,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--max-new-tokens", type=int, default=128)
   p.add_argument("--tree", default=DEFAULT_TREE,
                  help="speculation tree: a preset name, a JSON file of top-k rank paths, or "
-                      f"auto (HEADS_DIR/tree_auto.json when the heads have one, else "
-                      f"{FALLBACK_TREE}); default: %(default)s")
+                      "auto (HEADS_DIR/tree_auto.json when the heads have one, else "
+                      "mc_sim_7b_63); default: %(default)s")
   p.add_argument("--repeats", type=int, default=2,
                  help="timed runs per mode after the warm-up; the fastest counts")
   p.add_argument("--chat", action="store_true", help="render the prompt with the chat template")

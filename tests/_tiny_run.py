@@ -12,8 +12,8 @@ import sys
 import jax
 from jax.experimental.compilation_cache import compilation_cache
 
-from hydra_jax import testing
-from hydra_jax.training.config_base import REPO_ROOT, SHARED_DATA
+from hydra_jax import embedded, testing
+from hydra_jax.training.config_base import REPO_ROOT
 
 MODEL_KW = dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                 max_position_embeddings=128, vocab_size=512, seed=0)
@@ -37,8 +37,8 @@ def tiny_model(tmp_path_factory, name: str = "trainer_tiny_model", **kw) -> str:
 def tiny_text(tmp_path_factory, chars: int = 30_000) -> str:
   path = shared_dir(tmp_path_factory, "trainer_text.txt")
   if not os.path.exists(path):
-    src = os.path.join(SHARED_DATA, "tinyshakespeare.txt")
-    text = open(src).read(chars) if os.path.exists(src) else testing.FALLBACK_TEXT * 100
+    with open(embedded.corpus_path(), encoding="utf-8") as f:
+      text = f.read(chars)
     with open(path, "w") as f:
       f.write(text)
   return path

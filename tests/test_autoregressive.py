@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from hydra_jax.decoding import autoregressive as ar
+from hydra_jax.decoding.engine import TRACE_COUNTS
 from hydra_jax.decoding.api import (DecodeInputError, encode_prompts, generate, get_engine,
                                     load_model)
 from hydra_jax.testing import SIMPLE_CHAT_TEMPLATE, make_hf_model, make_tokenizer
@@ -107,11 +107,11 @@ def test_second_call_does_not_recompile(llama):
   _, model = llama
   engine = get_engine(model)
   generate(model, _prompts(12, [6, 11, 2]), 20, batch_size=3)
-  traces, compiled = dict(ar.TRACE_COUNTS), len(engine._compiled)
+  traces, compiled = dict(TRACE_COUNTS), len(engine._compiled)
   # Another max_new_tokens, other prompts of the same padded length, other knobs and stop ids.
   out = generate(model, _prompts(13, [15, 1, 8]), 37, batch_size=3, temperature=0.8,
                  top_p=0.9, top_k=20, seed=4, stop_ids=[5, 6, 7])
-  assert dict(ar.TRACE_COUNTS) == traces and len(engine._compiled) == compiled
+  assert dict(TRACE_COUNTS) == traces and len(engine._compiled) == compiled
   assert all(r.compile_s == 0.0 for r in out)
 
 
@@ -146,8 +146,10 @@ def test_chat_template_prompt(llama):
     generate(model, "hear me speak", 4, chat=True)
 
 
-def _emit_reference(prompt_len, n, new, count, max_new, cache_len, eos, stop):
-  """The stop rules one token at a time, in plain Python."""
+def _emit_reference(prompt_len, n, new, count, max_new, cache_len, eos, stop, reserve=1):
+  """The stop rules one token at a time, in plain Python. A row is out of room when its
+  output fills the cache, or when the next step's `reserve` cache writes (from the last
+  token's slot, prompt + output - 1) would not fit."""
   out = []
   for tok in new[:count]:
     if n + len(out) >= max_new or prompt_len + n + len(out) >= cache_len:
@@ -156,14 +158,18 @@ def _emit_reference(prompt_len, n, new, count, max_new, cache_len, eos, stop):
     if tok in eos or tok in stop:
       return out, "eos" if tok in eos else "stop"
   total = n + len(out)
-  reason = ("length" if total >= max_new else
-            "cache_full" if prompt_len + total >= cache_len else "running")
+  no_room = prompt_len + total >= cache_len or prompt_len + total - 1 + reserve > cache_len
+  reason = "length" if total >= max_new else "cache_full" if no_room else "running"
   return out, reason
 
 
-def test_emit_tokens_multi_token_rules():
-  """Several tokens per row at once (what a speculative step emits) against the plain rules."""
+@pytest.mark.parametrize("reserve", [1, 5])
+def test_emit_tokens_multi_token_rules(reserve):
+  """Several tokens per row at once (what a speculative step emits) against the plain rules;
+  reserve 5: the rows of a speculative loop whose verify writes a 5-node tree."""
+  import jax
   import jax.numpy as jnp
+  from hydra_jax.decoding.state import DecodeState, FINISH_REASONS, StopCriteria, emit_tokens
   from hydra_jax.model.kv_cache import init_cache
   from hydra_jax.model.config import ModelConfig
   rng = np.random.default_rng(0)
@@ -175,22 +181,27 @@ def test_emit_tokens_multi_token_rules():
   n = np.minimum(rng.integers(0, 8, b), cache_len - prompt_len - 1)
   new = rng.integers(0, 8, (b, m))
   count = rng.integers(0, m + 1, b)
-  state = ar.init_state(init_cache(cfg, b, cache_len), jnp.asarray(prompt_len),
-                        jnp.ones((b,), bool), jnp.arange(b), None)
   prev = rng.integers(10, 20, (b, cache_len))  # earlier output must survive
-  state = state.replace(num_generated=jnp.asarray(n, jnp.int32), tokens=jnp.asarray(prev))
-  crit = ar.StopCriteria.make(max_new, eos, stop)
-  out = ar.emit_tokens(state, jnp.asarray(new), jnp.asarray(count), crit)
+  zeros = jnp.zeros((b,), jnp.int32)
+  state = DecodeState(step=jnp.zeros((), jnp.int32), done=jnp.zeros((b,), bool),
+                      tokens=jnp.asarray(prev, jnp.int32), num_generated=jnp.asarray(n, jnp.int32),
+                      steps_per_row=zeros, finish=zeros, last_token=zeros,
+                      prompt_lengths=jnp.asarray(prompt_len, jnp.int32), row_ids=zeros,
+                      cache=init_cache(cfg, b, cache_len), rng=jax.random.key(0))
+  crit = StopCriteria.make(max_new, eos, stop)
+  out = emit_tokens(state, jnp.asarray(new), jnp.asarray(count), crit, reserve)
   for r in range(b):
     kept, reason = _emit_reference(prompt_len[r], n[r], new[r].tolist(), count[r], max_new,
-                                   cache_len, eos, stop)
+                                   cache_len, eos, stop, reserve)
     got_n = int(out.num_generated[r])
     assert got_n == n[r] + len(kept)
     assert np.asarray(out.tokens[r, n[r]:got_n]).tolist() == kept
     np.testing.assert_array_equal(out.tokens[r, :n[r]], prev[r, :n[r]])
     np.testing.assert_array_equal(out.tokens[r, got_n:], prev[r, got_n:])
-    assert ar.FINISH_REASONS[int(out.finish[r])] == reason
+    assert FINISH_REASONS[int(out.finish[r])] == reason
     assert bool(out.done[r]) == (reason != "running")
+    if kept:
+      assert int(out.last_token[r]) == kept[-1]
 
 
 def test_bad_input_is_a_clear_error(llama):

@@ -152,7 +152,7 @@ def test_half_precision_export_loads_in_transformers_and_back(llama, tmp_path, d
   torch_dtype = getattr(torch, dtype)
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch_dtype)
   np_dtype = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16}[dtype]
-  w_ours = np.asarray(loaded.params["layers_1"]["mlp"]["up_proj"]["kernel"]).T
+  w_ours = np.asarray(loaded.params["layers_1"]["mlp"]["gate_up_proj"]["kernel"])[:, 1].T
   w_torch = reloaded.model.layers[1].mlp.up_proj.weight
   assert w_torch.dtype == torch_dtype
   np.testing.assert_array_equal(w_torch.detach().float().numpy(),

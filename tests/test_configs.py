@@ -3,6 +3,7 @@ shapes and parameter counts (jax.eval_shape: nothing is allocated)."""
 
 import functools
 import glob
+import json
 import os
 import re
 
@@ -150,5 +151,58 @@ def test_big_preset_shapes_via_eval_shape(path):
     assert head["lm_head"]["kernel"].shape == (d, v)
     assert head["lm_head"]["kernel"].dtype == jnp.float32  # f32 master weights
     if hc.sequential:
-      assert head["first"]["linear"]["kernel"].shape == ((k + 2) * d, d)
+      assert head["first"]["kernel"].shape == ((k + 2) * d, 2, d)  # W and W_res, fused
   assert ("prefix_layer" in heads_shapes) == (hc.arch == "hydra++")
+
+
+def test_tiny_cpu_trains_the_embedded_model_on_its_training_split():
+  from hydra_jax import embedded
+  cfg = _load(os.path.join(REPO, "configs", "tiny_cpu.py"))
+  assert cfg.model_path == embedded.MODEL_DIR
+  assert cfg.data.source == "text" and cfg.data.path == embedded.train_split_file()
+  train, _ = embedded.split_corpus()
+  with open(cfg.data.path, encoding="utf-8") as f:
+    assert f.read() == train  # the held-out tail is never read
+  assert "shared/data" not in open(os.path.join(REPO, "configs", "tiny_cpu.py")).read()
+  assert not hasattr(config_base, "SHARED_DATA")
+
+
+# As if torch (a test-only dependency) were not installed: `import torch` raises ImportError
+# and importlib.util.find_spec("torch") is None.
+_BLOCK_TORCH = "import sys; sys.modules['torch'] = None\n"
+
+
+def test_training_imports_no_torch():
+  """train.py's whole import chain, with torch made unimportable."""
+  import subprocess
+  import sys
+  code = _BLOCK_TORCH + (
+      "import runpy; from hydra_jax.training import trainer; "
+      f"cfg = runpy.run_path({os.path.join(REPO, 'configs', 'tiny_cpu.py')!r})['get_config']();"
+      "print('ok', sys.modules['torch'] is not None)")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split() == ["ok", "False"]
+
+
+@pytest.mark.slow  # the README command itself: ~1 min of training, then the rerun
+def test_readme_tiny_cpu_command_runs_from_a_clone_without_torch(tmp_path):
+  import subprocess
+  import sys
+  workdir = str(tmp_path / "run")
+  code = _BLOCK_TORCH + (
+      "import runpy; sys.argv = ['train.py', '--config', 'configs/tiny_cpu.py', "
+      f"'--workdir', {workdir!r}, '--config.progress_bar=False']; "
+      "runpy.run_path('train.py', run_name='__main__')")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                         env=env, timeout=900)
+  assert first.returncode == 0, first.stderr[-3000:]
+  final = json.loads(first.stdout[first.stdout.index("{"):])
+  assert final["step"] == 40 and os.path.isfile(os.path.join(final["heads_dir"],
+                                                               "heads_config.json"))
+  again = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                         env=env, timeout=900)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "training is already complete: checkpoint 40 of 40 steps" in again.stderr

@@ -349,8 +349,12 @@ def test_tfds_text_dataset_from_mock_data(tok, tmp_path):
 
 
 def test_bad_config_is_a_clear_error(tok, tmp_path):
-  with pytest.raises(ValueError, match="unknown data config fields"):
+  with pytest.raises(ValueError, match=r"unknown data field 'pathh' \(did you mean path\?\)"):
     data_lib.build_datasets({"source": "text", "pathh": "x"}, tok, 32, 2, 0, 0, 1)
+  bad = tmp_path / "latin1.txt"
+  bad.write_bytes("First Citizen:\nBefore we proceed\ncaf\xe9\n".encode("latin-1"))
+  with pytest.raises(data_lib.DataError, match=r"latin1.txt:3: not UTF-8"):
+    data_lib.build_datasets({"source": "text", "path": str(bad)}, tok, 8, 2, 0, 0, 1)
   with pytest.raises(FileNotFoundError, match="matches no file"):
     data_lib.build_datasets({"source": "text", "path": str(tmp_path / "nope*.txt")}, tok, 32, 2,
                             0, 0, 1)

@@ -137,19 +137,3 @@ def test_missing_assets_say_what_is_missing(tmp_path, monkeypatch, capsys, asset
   monkeypatch.setattr(demo, "EMBEDDED_MODEL", str(tmp_path / "gone"))
   rc, _ = _run_cli([])
   assert rc == 2 and "embedded base model is missing" in capsys.readouterr().err
-
-
-def test_tree_auto_prefers_the_heads_fitted_tree(assets, tmp_path):
-  _, _, heads_dir = assets
-  fallback = demo.resolve_tree("auto", heads_dir, num_heads=2)
-  assert fallback.name == demo.FALLBACK_TREE and fallback.depth == 2
-  # A heads directory with a fitted tree (what hydra_jax.decoding.tree_fit writes there).
-  pytest.importorskip("hydra_jax.decoding.tree_fit")
-  fitted_dir = tmp_path / "fitted"
-  fitted_dir.mkdir()
-  for name in os.listdir(heads_dir):
-    os.symlink(os.path.join(heads_dir, name), fitted_dir / name)
-  (fitted_dir / "tree_auto.json").write_text("[[0], [1], [0, 0]]")
-  fitted = demo.resolve_tree("auto", str(fitted_dir), num_heads=2)
-  assert sorted(map(list, fitted.paths)) == [[0], [0, 0], [1]]
-  assert demo.resolve_tree("greedy_7", heads_dir, num_heads=2).num_nodes == 8

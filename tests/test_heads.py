@@ -8,8 +8,8 @@ import pytest
 
 from hydra_jax.model import llama
 from hydra_jax.model.config import ModelConfig
-from hydra_jax.model.heads import (DraftHeads, HeadsConfig, HeadsMismatchError, count_params,
-                                   init_heads, param_shapes)
+from hydra_jax.model.heads import (DraftHeads, HeadsConfig, HeadsMismatchError, base_lm_head_kernel,
+                                   count_params, init_heads, param_shapes, shared_lm_kernel)
 from hydra_jax.model.kv_cache import init_cache
 from hydra_jax.model.masks import cache_causal_mask
 
@@ -38,12 +38,12 @@ def _perturb(params, seed, scale=0.2):
   return jax.tree_util.tree_unflatten(treedef, new)
 
 
-def _heads(base_params, arch, shared=True, dropout=0.0, seed=1):
+def _heads(base_params, arch, shared=True, dropout=0.0, seed=1, lm_head="own", draft_vocab=()):
   """Random non-zero heads, built once per configuration (init compiles are the slow part)."""
-  key = (arch, shared, dropout, seed)
+  key = (arch, shared, dropout, seed, lm_head, draft_vocab)
   if key not in _HEADS_CACHE:
     cfg = HeadsConfig.for_base(BASE, arch, num_heads=K, num_layers=L, shared_inner=shared,
-                               dropout=dropout)
+                               dropout=dropout, lm_head=lm_head, draft_vocab=draft_vocab)
     params = _perturb(init_heads(cfg, BASE, base_params, jax.random.PRNGKey(seed)), seed + 100)
     _HEADS_CACHE[key] = (cfg, DraftHeads(cfg, BASE), params)
   return _HEADS_CACHE[key]
@@ -53,8 +53,12 @@ def _silu(x):
   return x / (1.0 + np.exp(-x))
 
 
-def _np_head_logits(p, cfg, k, g, path):
-  """Reference section 2, written out in numpy from the param tree."""
+def _np_head_logits(p, cfg, k, g, path, base_lm=None):
+  """Reference section 2, written out in numpy from the param tree.
+
+  base_lm [D, V]: the base LM head, for heads that reuse it (lm_head "base"); a draft vocab
+  keeps the columns of its token ids.
+  """
   p = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), p[f"heads_{k}"])
   g = np.asarray(g, np.float64)
   if cfg.arch == "medusa":
@@ -62,12 +66,16 @@ def _np_head_logits(p, cfg, k, g, path):
   else:
     path = np.asarray(path, np.float64)
     z0 = np.concatenate([g] + [path[..., j, :] for j in range(k + 1)], axis=-1)
-    lin, res = p["first"]["linear"], p["first"]["res_connection"]
-    x = z0 @ res["kernel"] + res["bias"] + _silu(z0 @ lin["kernel"] + lin["bias"])
+    w, b = p["first"]["kernel"], p["first"]["bias"]  # [in, 2, D]: 0 = W (SiLU), 1 = W_res
+    x = z0 @ w[:, 1] + b[1] + _silu(z0 @ w[:, 0] + b[0])
     n_inner = cfg.num_layers - 1
   for j in range(n_inner):
     blk = (p["inner"] if cfg.shared_inner else p[f"inner_{j}"])["linear"]
     x = x + _silu(x @ blk["kernel"] + blk["bias"])
+  ids = list(cfg.draft_vocab) or list(range(cfg.vocab_size))
+  if cfg.lm_head == "base":
+    logits = x @ np.asarray(base_lm, np.float64)[:, ids]
+    return logits + p["lm_bias"] if cfg.arch != "medusa" else logits
   logits = x @ p["lm_head"]["kernel"]
   if cfg.arch != "medusa":
     logits = logits + p["lm_head"]["bias"]
@@ -182,6 +190,51 @@ def test_dropout_only_when_not_deterministic(base_params):
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+DRAFT_VOCAB = (5, 17, 2, 40, 33, 90, 0, 61)  # any distinct ids, most frequent first
+
+
+@pytest.mark.parametrize("arch,lm_head,draft", [("hydra", "own", DRAFT_VOCAB),
+                                                ("hydra++", "base", DRAFT_VOCAB),
+                                                ("medusa", "base", ()), ("hydra", "base", ())])
+def test_draft_vocab_and_base_lm_head_match_numpy(base_params, arch, lm_head, draft):
+  """Head logits over the draft vocab equal the full formula's columns of those token ids."""
+  cfg, model, params = _heads(base_params, arch, lm_head=lm_head, draft_vocab=draft)
+  base_lm = base_lm_head_kernel(BASE, base_params)
+  shared = shared_lm_kernel(cfg, BASE, base_params)
+  assert (shared is None) == (lm_head == "own")
+  v = len(draft) or BASE.vocab_size
+  assert cfg.draft_vocab_size == v and list(cfg.draft_ids) == (list(draft) or list(range(v)))
+  rng = np.random.default_rng(4)
+  g = rng.normal(size=(B, 3, BASE.hidden_size)).astype(np.float32)
+  for k in range(K):
+    path = rng.normal(size=(B, 3, k + 1, BASE.hidden_size)).astype(np.float32)
+    got = model.apply({"params": params}, k, g, path, True, shared,
+                      method=DraftHeads.head_logits)
+    assert got.shape == (B, 3, v)
+    want = _np_head_logits(params, cfg, k, g, path, base_lm)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+  if lm_head == "base":
+    assert not any("lm_head" in str(path) for path, _ in
+                   jax.tree_util.tree_flatten_with_path(params)[0])
+    with pytest.raises(ValueError, match="shared_lm_kernel"):
+      model.apply({"params": params}, 0, g, path[..., :1, :], method=DraftHeads.head_logits)
+  else:  # own draft-vocab LM heads start as the base LM head's columns of those ids
+    init = init_heads(cfg, BASE, base_params, jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(np.asarray(init["heads_0"]["lm_head"]["kernel"]),
+                                  np.asarray(base_lm)[:, list(draft)])
+
+
+def test_draft_vocab_is_validated():
+  for bad in ((1, 1), (0, 96), (-1,)):
+    with pytest.raises(ValueError, match="draft_vocab"):
+      HeadsConfig.for_base(BASE, "hydra", draft_vocab=bad)
+  with pytest.raises(ValueError, match="lm_head"):
+    HeadsConfig.for_base(BASE, "hydra", lm_head="tied")
+  cfg = HeadsConfig.for_base(BASE, "hydra", draft_vocab=[3, 4])  # JSON lists come back as tuples
+  assert cfg.draft_vocab == (3, 4) and HeadsConfig.from_dict(cfg.to_dict()) == cfg
+  hash(cfg)
+
+
 @pytest.mark.parametrize("arch", ["medusa", "hydra", "hydra++"])
 def test_param_counts_shared_and_untied(base_params, arch):
   d, v, f = BASE.hidden_size, BASE.vocab_size, BASE.intermediate_size
@@ -219,8 +272,10 @@ def test_init_copies_base_lm_head_and_medusa_starts_as_identity(base_params, tie
       np.testing.assert_array_equal(np.asarray(p[f"heads_{k}"]["lm_head"]["kernel"]), lm)
       if arch == "hydra":
         np.testing.assert_array_equal(np.asarray(p[f"heads_{k}"]["lm_head"]["bias"]), 0.0)
-        np.testing.assert_array_equal(np.asarray(p[f"heads_{k}"]["first"]["linear"]["kernel"]), 0)
-        assert np.abs(np.asarray(p[f"heads_{k}"]["first"]["res_connection"]["kernel"])).max() > 0
+        first = np.asarray(p[f"heads_{k}"]["first"]["kernel"])
+        np.testing.assert_array_equal(first[:, 0], 0)  # W: zero, so SiLU(W z0 + b) starts at 0
+        bound = 1 / np.sqrt(first.shape[0])  # W_res: torch's default U(-1/sqrt(in), 1/sqrt(in))
+        assert 0.5 * bound < np.abs(first[:, 1]).max() <= bound
     if arch == "medusa":
       # ResBlocks start as the identity, so every head gives the base logits h @ lm_head.
       hidden = np.random.default_rng(5).normal(size=(B, 4, base.hidden_size)).astype(np.float32)

@@ -16,8 +16,11 @@ import pytest
 torch = pytest.importorskip("torch")
 from torch import nn as tnn  # noqa: E402
 
+from hydra_jax.checkpoint import heads_io  # noqa: E402
 from hydra_jax.checkpoint.hf import CheckpointError  # noqa: E402
-from hydra_jax.checkpoint.heads_io import load_heads, read_heads_meta, save_heads  # noqa: E402
+from hydra_jax.checkpoint.heads_io import (HeadsCorruptError, base_weights_fingerprint,  # noqa: E402
+                                           load_heads, read_heads_meta, save_heads,
+                                           weights_difference)
 from hydra_jax.model.config import ModelConfig, UnsupportedModelError  # noqa: E402
 from hydra_jax.model.heads import DraftHeads, HeadsConfig, HeadsMismatchError, param_shapes  # noqa: E402
 
@@ -52,7 +55,7 @@ def test_save_load_round_trip(tmp_path, arch):
   assert got_cfg == cfg
   _tree_close(params, got)
   meta = read_heads_meta(str(tmp_path / "h"))
-  assert meta["extra"] == {"step": 7} and meta["format_version"] == 1
+  assert meta["extra"] == {"step": 7} and meta["format_version"] == heads_io.FORMAT_VERSION
   assert meta["base"] == {"hidden_size": D, "vocab_size": V, "fingerprint": BASE.fingerprint(),
                           "config": None}
   # Without a base config the heads part is still checked; overwriting works.
@@ -92,11 +95,115 @@ def test_bad_directories_give_clear_errors(tmp_path):
     for f in files:
       if root != str(d / "params") or f in ("manifest.ocdbt", "_METADATA"):
         os.remove(os.path.join(root, f))
+  with pytest.raises(CheckpointError, match="corrupt.*is missing"):  # caught by the checksums
+    load_heads(str(d))
+  # Heads without checksums: orbax's own error, one message (its noise silenced).
+  meta = read_heads_meta(str(d))
+  del meta["params_sha256"]
+  (d / "heads_config.json").write_text(json.dumps(meta))
   with pytest.raises(CheckpointError, match="corrupt or partial"):
     load_heads(str(d))
   (d / "heads_config.json").write_text("{not json")
   with pytest.raises(CheckpointError, match="not valid JSON"):
     load_heads(str(d))
+
+
+def _fake_base_params(seed=0, scale=0.02):
+  """The two tensors the base-weights fingerprint reads, as a base model's param tree has them."""
+  rng = np.random.default_rng(seed)
+  return {"embed_tokens": {"embedding": (scale * rng.normal(size=(V, D))).astype(np.float32)},
+          "lm_head": {"kernel": (scale * rng.normal(size=(D, V))).astype(np.float32)}}
+
+
+def _saved(tmp_path, name="h", **kw):
+  cfg = HeadsConfig.for_base(BASE, "hydra", num_heads=2, num_layers=1)
+  params = _random_params(cfg)
+  save_heads(str(tmp_path / name), params, cfg, base_cfg=BASE, **kw)
+  return str(tmp_path / name), cfg, params
+
+
+def _largest_file(directory):
+  files = [os.path.join(r, f) for r, _, fs in os.walk(directory) for f in fs]
+  return max(files, key=os.path.getsize)
+
+
+def test_changed_params_files_are_refused(tmp_path):
+  d, _, params = _saved(tmp_path)
+  meta = read_heads_meta(d)
+  assert meta["params_sha256"] and all(len(v) == 64 for v in meta["params_sha256"].values())
+  _tree_close(params, load_heads(d, BASE)[1])
+  target = _largest_file(os.path.join(d, "params"))
+  original = open(target, "rb").read()
+  # Random bytes over 4 KB of the array data: orbax alone would load changed values.
+  with open(target, "r+b") as f:
+    f.seek(min(64, max(0, len(original) - 4096)))
+    f.write(np.random.default_rng(0).bytes(min(4096, len(original))))
+  with pytest.raises(HeadsCorruptError, match=r"are corrupt: .* has changed .*re-export"):
+    load_heads(d, BASE)
+  with open(target, "wb") as f:
+    f.write(original[:len(original) // 2])  # truncated
+  with pytest.raises(HeadsCorruptError, match="has changed since the heads were saved"):
+    load_heads(d, BASE)
+  os.remove(target)
+  with pytest.raises(HeadsCorruptError, match="is missing"):
+    load_heads(d, BASE)
+
+
+def test_heads_without_checksums_still_load(tmp_path):
+  """Heads saved before the checksums existed load as before (without the check)."""
+  d, _, params = _saved(tmp_path)
+  meta = read_heads_meta(d)
+  del meta["params_sha256"]
+  with open(os.path.join(d, "heads_config.json"), "w") as f:
+    json.dump(meta, f)
+  _tree_close(params, load_heads(d, BASE)[1])
+
+
+def test_heads_for_other_base_weights_are_refused(tmp_path, caplog):
+  base = _fake_base_params(0)
+  d, cfg, params = _saved(tmp_path, base_params=base)
+  record = read_heads_meta(d)["base"]["weights"]
+  assert record == base_weights_fingerprint(base)
+  assert len(record["embed_tokens"]) == len(record["lm_head"]) == 16
+  _tree_close(params, load_heads(d, BASE, base_params=base)[1])
+  # The same base in bf16 (or re-exported in another dtype) is the same base.
+  as_bf16 = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), base)
+  load_heads(d, BASE, base_params=as_bf16)
+  other = _fake_base_params(1)  # same shapes and config, other weights
+  with pytest.raises(HeadsMismatchError, match="other base weights.*--allow-heads-mismatch"):
+    load_heads(d, BASE, base_params=other)
+  with caplog.at_level("WARNING", logger="hydra_jax.checkpoint"):
+    _tree_close(params, load_heads(d, BASE, base_params=other, allow_mismatch=True)[1])
+  assert any("loading them anyway" in r.message for r in caplog.records)
+  # Without base params (or for heads saved without the record) nothing is compared.
+  load_heads(d, BASE)
+  d2, _, _ = _saved(tmp_path, "no_record")
+  load_heads(d2, BASE, base_params=other)
+
+
+def test_allow_mismatch_overrides_the_config_fingerprint_not_the_shapes(tmp_path):
+  d, _, params = _saved(tmp_path)
+  deeper = BASE.replace(num_layers=3)  # another architecture, same D and V
+  with pytest.raises(HeadsMismatchError, match="fingerprint"):
+    load_heads(d, deeper)
+  _tree_close(params, load_heads(d, deeper, allow_mismatch=True)[1])
+  with pytest.raises(HeadsMismatchError, match="hidden size 32 but the model has 48"):
+    load_heads(d, BASE.replace(hidden_size=48, head_dim=12), allow_mismatch=True)
+
+
+def test_shipped_heads_carry_checksums_and_the_embedded_base_weights():
+  from hydra_jax import embedded
+  from hydra_jax.checkpoint.hf import load_hf_model
+  base = load_hf_model(embedded.MODEL_DIR, tokenizer=False)
+  dirs = embedded.heads_dirs()
+  assert set(dirs) == set(embedded.HEAD_KINDS)
+  current = base_weights_fingerprint(base.params)
+  for kind, d in dirs.items():
+    meta = read_heads_meta(d)
+    assert meta["param_dtype"] == "bfloat16", kind
+    assert meta["params_sha256"], kind
+    assert weights_difference(meta["base"]["weights"], current) == 0.0, kind
+    load_heads(d, base.config, base_params=base.params)  # files verified, weights match
 
 
 # --- torch replicas of the released modules ------------------------------------------------

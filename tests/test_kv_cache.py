@@ -18,11 +18,11 @@ from hydra_jax.model.config import ModelConfig
 from hydra_jax.model.kv_cache import KVCache, init_cache, write_rows
 from hydra_jax.model.llama import LlamaModel, init_params
 
-B, S, K, H = 3, 16, 2, 4
+B, S, K, H = 3, 16, 2, 4  # caches are [B, K, S, H]
 
 
 def _random_layer(seed: int, batch: int = B) -> np.ndarray:
-  return np.random.RandomState(seed).randn(batch, S, K, H).astype(np.float32)
+  return np.random.RandomState(seed).randn(batch, K, S, H).astype(np.float32)
 
 
 def _cache_from(layers_k, layers_v, lengths) -> KVCache:
@@ -39,7 +39,7 @@ def test_init_cache_shapes():
                     num_heads=4, num_kv_heads=2, head_dim=8)
   cache = init_cache(cfg, batch_size=2, max_len=10, dtype=jnp.bfloat16)
   assert cache.num_layers == 3 and cache.batch_size == 2 and cache.max_len == 10
-  assert all(x.shape == (2, 10, 2, 8) and x.dtype == jnp.bfloat16 for x in cache.k + cache.v)
+  assert all(x.shape == (2, 2, 10, 8) and x.dtype == jnp.bfloat16 for x in cache.k + cache.v)
   assert cache.lengths.dtype == jnp.int32 and np.all(np.asarray(cache.lengths) == 0)
   # The Hydra++ prefix layer keeps its own one-layer cache.
   assert init_cache(cfg, 2, 10, num_layers=1).num_layers == 1
@@ -48,25 +48,25 @@ def test_init_cache_shapes():
 def _write_rows_reference(layer, new, offsets):
   out = layer.copy()
   for b, off in enumerate(offsets):
-    out[b, off:off + new.shape[1]] = new[b]
+    out[b, :, off:off + new.shape[2]] = new[b]
   return out
 
 
 @pytest.mark.parametrize("offsets", [[0, 5, 11], [3, 0, 3]])
 def test_write_rows_at_per_row_offsets(offsets):
   layer = _random_layer(0)
-  new = np.random.RandomState(1).randn(B, 5, K, H).astype(np.float32)
+  new = np.random.RandomState(1).randn(B, K, 5, H).astype(np.float32)
   # Traced offsets: the write position is data, not a static shape.
   got = jax.jit(write_rows)(layer, new, jnp.asarray(offsets, jnp.int32))
   np.testing.assert_array_equal(np.asarray(got), _write_rows_reference(layer, new, offsets))
 
 
 def test_write_rows_casts_to_cache_dtype():
-  layer = jnp.zeros((1, S, K, H), jnp.bfloat16)
-  new = jnp.ones((1, 2, K, H), jnp.float32)
+  layer = jnp.zeros((1, K, S, H), jnp.bfloat16)
+  new = jnp.ones((1, K, 2, H), jnp.float32)
   got = write_rows(layer, new, jnp.asarray([4]))
   assert got.dtype == jnp.bfloat16
-  assert float(got[0, 4:6].astype(jnp.float32).sum()) == 2 * K * H
+  assert float(got[0, :, 4:6].astype(jnp.float32).sum()) == 2 * K * H
 
 
 def test_with_lengths_and_rollback():
@@ -88,8 +88,8 @@ def _gather_reference(layer, lengths, src, count):
   """Definition: row b's slots lengths[b] + i <- old slots src[b, i], then commit count[b]."""
   out = layer.copy()
   for b in range(layer.shape[0]):
-    picked = layer[b, src[b]]  # read everything first
-    out[b, lengths[b]:lengths[b] + src.shape[1]] = picked
+    picked = layer[b, :, src[b]]  # read everything first: [M, K, H]
+    out[b, :, lengths[b]:lengths[b] + src.shape[1]] = np.swapaxes(picked, 0, 1)
   return out, np.asarray(lengths) + np.asarray(count)
 
 

@@ -138,7 +138,7 @@ def test_config_read_from_checkpoint(zoo):
   cfg = zoo["qwen2"].config
   assert cfg.tie_word_embeddings and cfg.attention_bias
   assert "lm_head" not in zoo["qwen2"].params
-  assert "bias" in zoo["qwen2"].params["layers_0"]["self_attn"]["q_proj"]
+  assert "bias" in zoo["qwen2"].params["layers_0"]["self_attn"]["qkv_proj"]
   assert zoo["mistral"].config.model_type == "mistral"
   cfg = zoo["llama_linear_rope"].config
   assert cfg.head_dim == 16 and cfg.rope_scaling_dict == {"rope_type": "linear", "factor": 2.0}

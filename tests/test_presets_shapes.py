@@ -86,7 +86,7 @@ PRESETS = {
     "qwen2_7b": (QWEN2_7B, 7_615_616_512),
 }
 
-AXES = {"vocab", "embed", "heads", "kv_heads", "head_dim", "mlp"}
+AXES = {"vocab", "embed", "heads", "kv_heads", "qkv", "head_dim", "gate_up", "mlp"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -126,8 +126,9 @@ def test_shapes_and_config_fields_llama3_8b():
   assert cfg.eos_token_ids == (128001, 128008, 128009)
   shapes = _shapes(cfg, param_dtype=jnp.bfloat16)
   layer = shapes["layers_31"]
-  assert layer["self_attn"]["q_proj"]["kernel"].shape == (4096, 32, 128)
-  assert layer["self_attn"]["k_proj"]["kernel"].shape == (4096, 8, 128)
+  # q/k/v fused per kv head: 8 groups of 4 query heads + k + v.
+  assert layer["self_attn"]["qkv_proj"]["kernel"].shape == (4096, 8, 6, 128)
+  assert layer["mlp"]["gate_up_proj"]["kernel"].shape == (4096, 2, 14336)
   assert layer["self_attn"]["o_proj"]["kernel"].shape == (32, 128, 4096)
   assert layer["mlp"]["down_proj"]["kernel"].shape == (14336, 4096)
   assert shapes["embed_tokens"]["embedding"].shape == (128256, 4096)
@@ -147,7 +148,7 @@ def test_qwen2_has_biases_and_ignores_unused_window():
   cfg = from_hf_config(QWEN2_7B)
   assert cfg.attention_bias and cfg.sliding_window is None
   shapes = _shapes(cfg)
-  assert shapes["layers_0"]["self_attn"]["k_proj"]["bias"].shape == (4, 128)
+  assert shapes["layers_0"]["self_attn"]["qkv_proj"]["bias"].shape == (4, 9, 128)  # 28 q heads
   assert "bias" not in shapes["layers_0"]["self_attn"]["o_proj"]
 
 
@@ -160,11 +161,10 @@ def test_every_param_has_logical_axes():
     assert len(leaf.names) == len(leaf.value.shape), leaf
     assert set(leaf.names) <= AXES, leaf.names
   attn = boxed["layers_0"]["self_attn"]
-  assert attn["q_proj"]["kernel"].names == ("embed", "heads", "head_dim")
-  assert attn["k_proj"]["kernel"].names == ("embed", "kv_heads", "head_dim")
+  assert attn["qkv_proj"]["kernel"].names == ("embed", "kv_heads", "qkv", "head_dim")
   assert boxed["embed_tokens"]["embedding"].names == ("vocab", "embed")
   assert boxed["lm_head"]["kernel"].names == ("embed", "vocab")
-  assert boxed["layers_0"]["mlp"]["gate_proj"]["kernel"].names == ("embed", "mlp")
+  assert boxed["layers_0"]["mlp"]["gate_up_proj"]["kernel"].names == ("embed", "gate_up", "mlp")
   # unboxing gives exactly the plain tree
   plain = _shapes(from_hf_config(LLAMA3_8B))
   assert jax.tree.structure(nn.unbox(boxed)) == jax.tree.structure(plain)

@@ -58,9 +58,9 @@ def test_base_and_head_param_shardings():
   base = sharding.base_param_shardings(cfg, mesh)
   assert base["embed_tokens"]["embedding"].spec == P("tensor", "fsdp")
   assert base["lm_head"]["kernel"].spec == P("fsdp", "tensor")
-  assert base["layers_1"]["self_attn"]["k_proj"]["kernel"].spec == P("fsdp", "tensor")
+  assert base["layers_1"]["self_attn"]["qkv_proj"]["kernel"].spec == P("fsdp", "tensor")
   assert base["layers_1"]["self_attn"]["o_proj"]["kernel"].spec == P("tensor", None, "fsdp")
-  assert base["layers_0"]["mlp"]["gate_proj"]["kernel"].spec == P("fsdp", "tensor")
+  assert base["layers_0"]["mlp"]["gate_up_proj"]["kernel"].spec == P("fsdp", None, "tensor")
   assert base["norm"]["scale"].spec == P("fsdp")
   # Every arch's declared axes resolve without collisions.
   base_abstract = jax.eval_shape(lambda: tiny.tiny_base_params())
@@ -71,7 +71,7 @@ def test_base_and_head_param_shardings():
     shard = sharding.logical_to_sharding(boxed, mesh)
     assert shard["heads_1"]["lm_head"]["kernel"].spec == P("fsdp", "tensor")
     if arch != "medusa":
-      assert shard["heads_1"]["first"]["res_connection"]["kernel"].spec == P("fsdp", "tensor")
+      assert shard["heads_1"]["first"]["kernel"].spec == P("fsdp", None, "tensor")
       assert shard["heads_1"]["lm_head"]["bias"].spec == P("tensor")
 
 

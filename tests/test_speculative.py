@@ -14,12 +14,16 @@ import torch
 
 from hydra_jax.checkpoint.hf import load_hf_model
 from hydra_jax.decoding import speculative as spec
+from hydra_jax.decoding.acceptance import AcceptParams
+from hydra_jax.decoding.drafting import SpecModels, heads_drafter
+from hydra_jax.decoding.engine import DecodeEngine
+from hydra_jax.decoding.sampling import SamplingParams
+from hydra_jax.decoding.state import STOP, StopCriteria
 from hydra_jax.decoding.tree import compile_tree, load_tree
 from hydra_jax.model.heads import HeadsConfig, init_heads, DraftHeads
 from hydra_jax.model.llama import LlamaModel
 from hydra_jax.testing import make_hf_model
 
-STOP_NONE = jnp.zeros((0,), jnp.int32)
 
 
 def _randomize(params, seed, scale=0.05):
@@ -71,16 +75,27 @@ def _pad(prompts):
   return jnp.asarray(arr), jnp.asarray([len(x) for x in prompts], jnp.int32)
 
 
-def _run(hm, heads_cfg, heads_params, tree, prompts, max_new, stop_ids=STOP_NONE,
-         drafter_factory=spec.heads_drafter, cache_len=128):
-  models = spec.SpecModels(hm.config, heads_cfg, tree)
+def _run(hm, heads_cfg, heads_params, tree, prompts, max_new, stop_ids=(),
+         drafter_factory=heads_drafter, cache_len=128):
+  """The engine `generate` uses, on one batch: (BatchOutput, output token lists)."""
+  engine = DecodeEngine(hm.config, jnp.float32, heads_cfg, tree, "greedy", drafter_factory)
   toks, lens = _pad(prompts)
-  st = spec.speculative_generate(models, cache_len, drafter_factory, hm.params, heads_params,
-                                 toks, lens, jnp.int32(max_new), stop_ids)
-  outs = []
-  for b in range(len(prompts)):
-    outs.append(np.asarray(st.out_BxC[b, :int(st.num_out_B[b])]).tolist())
-  return st, outs
+  b = len(prompts)
+  out = engine.run(hm.params, heads_params, toks, lens, np.ones(b, bool), np.arange(b),
+                   SamplingParams.make(), StopCriteria.make(max_new, (), stop_ids), 0, cache_len)
+  return out, [out.tokens[r, :out.num_generated[r]].tolist() for r in range(b)]
+
+
+def _first_state(hm, heads_cfg, heads_params, tree, prompts, max_new=50, cache_len=128):
+  """spec_prefill's state (for step-by-step tests) and what spec_step needs with it."""
+  models = SpecModels(hm.config, heads_cfg, tree)
+  toks, lens = _pad(prompts)
+  b = len(prompts)
+  params, stop = AcceptParams.make(), StopCriteria.make(max_new)
+  state = jax.jit(spec.spec_prefill, static_argnums=(0, 1))(
+      models, cache_len, hm.params, heads_params, toks, lens, jnp.ones((b,), bool),
+      jnp.arange(b, dtype=jnp.int32), jax.random.key(0), params, stop)
+  return models, state, params, stop
 
 
 def _heads(hm, arch, seed=1, **kw):
@@ -150,12 +165,10 @@ def test_perfect_drafter_accepts_full_depth(base):
   for path in ([0] * tree.depth, last_leaf):
     st, outs = _run(hm, cfg, params, tree, PROMPTS, n, drafter_factory=_oracle_factory(cont, path))
     assert outs == [r[:n] for r in refs]
-    acc = np.asarray(st.accepted_BxC)
-    steps = np.asarray(st.steps_B)
     for b in range(len(PROMPTS)):
       # 1 prefill token, then 5 per step: 4 steps give 21 tokens.
-      assert steps[b] == 4
-      assert (acc[b, :steps[b]] == tree.depth + 1).all()
+      assert st.steps[b] == 4
+      assert st.extra["accepted_per_step"][b] == [tree.depth + 1] * 4
 
 
 def test_noisy_oracle_partial_acceptance_is_lossless(base):
@@ -167,8 +180,7 @@ def test_noisy_oracle_partial_acceptance_is_lossless(base):
   st, outs = _run(hm, cfg, params, tree, PROMPTS, n,
                   drafter_factory=_oracle_factory(np.asarray(refs), _leaf(tree, 1), corrupt_every=2))
   assert outs == [r[:n] for r in refs]
-  acc = np.asarray(st.accepted_BxC)[0, :int(st.steps_B[0])]
-  assert len(set(acc.tolist())) > 1  # several different accept lengths happened
+  assert len(set(st.extra["accepted_per_step"][0])) > 1  # several accept lengths happened
 
 
 def test_next_logits_equal_full_forward_after_non_first_path(base):
@@ -177,21 +189,19 @@ def test_next_logits_equal_full_forward_after_non_first_path(base):
   tree = load_tree("mc_sim_7b_63")
   refs = [_hf_greedy(torch_model, p, 12) for p in PROMPTS]
   last_leaf = _leaf(tree, -1)
-  models = spec.SpecModels(hm.config, cfg, tree)
-  toks, lens = _pad(PROMPTS)
-  state = spec.prefill(models, hm.params, params, toks, lens, 128, jnp.int32(50), STOP_NONE)
+  models, state, accept_params, stop = _first_state(hm, cfg, params, tree, PROMPTS)
   drafter = _oracle_factory(np.asarray(refs), last_leaf)(models, hm.params, params)
-  state = spec.spec_step(models, hm.params, params, drafter, state, jnp.int32(50), STOP_NONE)
-  assert (np.asarray(state.accepted_BxC)[:, 0] == tree.depth + 1).all()
+  state = spec.spec_step(models, hm.params, params, drafter, state, accept_params, stop)
+  assert (np.asarray(state.spec.accepted_BxS)[:, 0] == tree.depth + 1).all()
   # One more plain decode step on the compacted cache vs a fresh full forward.
   model = LlamaModel(hm.config)
   from hydra_jax.model.masks import cache_causal_mask
   cache = state.cache
-  logits, _, _ = model.apply({"params": hm.params}, state.root_B[:, None],
+  logits, _, _ = model.apply({"params": hm.params}, state.last_token[:, None],
                              cache.lengths[:, None], cache,
                              cache_causal_mask(cache.lengths, 1, cache.max_len))
   for b, prompt in enumerate(PROMPTS):
-    seq = prompt + np.asarray(state.out_BxC[b, :int(state.num_out_B[b])]).tolist()
+    seq = prompt + np.asarray(state.tokens[b, :int(state.num_generated[b])]).tolist()
     full, _, _ = model.apply({"params": hm.params}, jnp.asarray([seq]),
                              jnp.arange(len(seq))[None, :])
     np.testing.assert_allclose(np.asarray(logits[b, 0]), np.asarray(full[0, -1]), atol=1e-4)
@@ -202,21 +212,20 @@ def test_hydra_pp_decoding_head_logits_equal_training_forward(base):
   cfg, params = _heads(hm, "hydra++")
   tree = load_tree("mc_sim_7b_63")
   refs = [_hf_greedy(torch_model, p, 30) for p in PROMPTS]
-  models = spec.SpecModels(hm.config, cfg, tree)
-  toks, lens = _pad(PROMPTS)
-  big = jnp.int32(100)  # no truncation: every committed token is also emitted
-  st = spec.prefill(models, hm.params, params, toks, lens, 128, big, STOP_NONE)
+  # max_new_tokens 100: no truncation, every committed token is also emitted.
+  models, st, accept_params, stop = _first_state(hm, cfg, params, tree, PROMPTS, max_new=100)
   drafter = _oracle_factory(np.asarray(refs), _leaf(tree, -1), corrupt_every=3)(
       models, hm.params, params)
-  step = jax.jit(lambda s: spec.spec_step(models, hm.params, params, drafter, s, big, STOP_NONE))
+  step = jax.jit(lambda s: spec.spec_step(models, hm.params, params, drafter, s, accept_params,
+                                          stop))
   for _ in range(4):
     st = step(st)
-  assert len(set(np.asarray(st.accepted_BxC)[0, :4].tolist())) > 1
+  assert len(set(np.asarray(st.spec.accepted_BxS)[0, :4].tolist())) > 1
   heads = DraftHeads(cfg, hm.config)
   model = LlamaModel(hm.config)
   emb = hm.params["embed_tokens"]["embedding"]
   for b, prompt in enumerate(PROMPTS):
-    out = np.asarray(st.out_BxC[b, :int(st.num_out_B[b])]).tolist()
+    out = np.asarray(st.tokens[b, :int(st.num_generated[b])]).tolist()
     # committed context = prompt + all emitted tokens but the last (the next root)
     seq = prompt + out[:-1]
     assert int(st.cache.lengths[b]) == len(seq)
@@ -224,11 +233,11 @@ def test_hydra_pp_decoding_head_logits_equal_training_forward(base):
     pos = jnp.arange(len(seq))[None, :]
     _, hidden, _ = model.apply({"params": hm.params}, ids, pos)
     g_full, _ = heads.apply({"params": params}, hidden, pos, None, None, True, method="context")
-    np.testing.assert_allclose(np.asarray(st.context_BxE[b]), np.asarray(g_full[0, -1]),
-                               atol=2e-5)
+    context = st.spec.context_BxE
+    np.testing.assert_allclose(np.asarray(context[b]), np.asarray(g_full[0, -1]), atol=2e-5)
     root = jnp.asarray([out[-1]])
     path = jnp.take(emb, root, axis=0)[:, None, :]
-    dec = heads.apply({"params": params}, 0, st.context_BxE[b:b + 1], path, True,
+    dec = heads.apply({"params": params}, 0, context[b:b + 1], path, True,
                       method="head_logits")
     full = heads.apply({"params": params}, 0, g_full[:, -1], path, True, method="head_logits")
     np.testing.assert_allclose(np.asarray(dec), np.asarray(full), atol=1e-4)
@@ -240,12 +249,11 @@ def test_per_row_stop_and_max_tokens(base):
   n = 16
   refs = [_hf_greedy(torch_model, p, n) for p in PROMPTS]
   stop = refs[1][5]  # row 1 stops at its 6th token (maybe others earlier, also fine)
-  st, outs = _run(hm, cfg, params, load_tree("mc_sim_7b_63"), PROMPTS, n,
-                  stop_ids=jnp.asarray([stop], jnp.int32))
+  st, outs = _run(hm, cfg, params, load_tree("mc_sim_7b_63"), PROMPTS, n, stop_ids=[stop])
   for r, o in zip(refs, outs):
     expect = r[:r.index(stop) + 1] if stop in r else r
     assert o == expect
-  assert int(st.finish_B[1]) == spec.FINISH_STOP
+  assert int(st.finish[1]) == STOP
 
 
 def test_tree_deeper_than_heads_is_refused(base):

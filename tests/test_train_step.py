@@ -6,7 +6,15 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import _multihost_worker as tiny
-from hydra_jax.training import optimizer, sharding, step
+from hydra_jax.training import config_base, optimizer, sharding, step
+from hydra_jax.training.errors import ConfigError
+
+
+def _opt_cfg(**overrides):
+  """The base config's optimizer section with `overrides`: the one table of defaults."""
+  cfg = config_base.base_config().optimizer
+  cfg.update(overrides)
+  return cfg
 
 
 _run = tiny.cached_run
@@ -55,10 +63,10 @@ def test_sharded_equals_unsharded():
   state = sharded["state"]
   head = state.params["heads_1"]
   assert head["lm_head"]["kernel"].sharding.spec == P("fsdp", "tensor")
-  assert head["first"]["linear"]["kernel"].sharding.spec == P("fsdp", "tensor")
+  assert head["first"]["kernel"].sharding.spec == P("fsdp", None, "tensor")
   assert head["lm_head"]["bias"].sharding.spec == P("tensor")
   attn = state.params["prefix_layer"]["self_attn"]
-  assert attn["q_proj"]["kernel"].sharding.spec == P("fsdp", "tensor")
+  assert attn["qkv_proj"]["kernel"].sharding.spec == P("fsdp", "tensor")
   assert attn["o_proj"]["kernel"].sharding.spec == P("tensor", None, "fsdp")
   adam = state.opt_state[1].inner_state[0]  # (clip, inject(adamw)) -> (adam, decay, lr)
   assert adam.mu["heads_1"]["lm_head"]["kernel"].sharding.spec == P("fsdp", "tensor")
@@ -108,7 +116,7 @@ def test_bad_train_config():
 
 
 def test_lr_schedule_closed_form():
-  cfg = dict(lr=1e-3, warmup_steps=4, final_lr_multiplier=0.33, grad_accum_steps=2)
+  cfg = _opt_cfg(lr=1e-3, warmup_steps=4, final_lr_multiplier=0.33, grad_accum_steps=2)
   schedule = optimizer.make_lr_schedule(cfg, total_steps=24)  # 12 optimizer updates
   got = np.array([float(schedule(c)) for c in range(14)])
   want = []
@@ -128,7 +136,8 @@ def test_weight_decay_skips_biases_and_norms():
                     "bias": np.full((4,), 2.0, np.float32)},
             "norm": {"scale": np.full((4,), 2.0, np.float32)},
             "vec": np.full((5,), 2.0, np.float32)}
-  opt = optimizer.make_optimizer(dict(lr=0.1, weight_decay=0.5, clip_norm=1.0), 10)
+  opt = optimizer.make_optimizer(_opt_cfg(lr=0.1, weight_decay=0.5, clip_norm=1.0,
+                                          warmup_steps=0), 10)
   zeros = jax.tree.map(np.zeros_like, params)
   updates, state = opt.update(zeros, opt.init(params), params)
   np.testing.assert_allclose(updates["blk"]["kernel"], -0.1 * 0.5 * 2.0 * np.ones((3, 4)))
@@ -142,8 +151,8 @@ def test_grad_accumulation_equals_mean_gradient():
   g1 = jax.tree.map(lambda p: 0.3 * p + 0.1, params)
   g2 = jax.tree.map(lambda p: -0.7 * p + 0.2, params)
   cfg = dict(lr=0.05, weight_decay=0.1, clip_norm=0.5, warmup_steps=0)
-  accum = optimizer.make_optimizer(dict(cfg, grad_accum_steps=2), 20)
-  plain = optimizer.make_optimizer(cfg, 10)
+  accum = optimizer.make_optimizer(_opt_cfg(**cfg, grad_accum_steps=2), 20)
+  plain = optimizer.make_optimizer(_opt_cfg(**cfg), 10)
   state = accum.init(params)
   u1, state = accum.update(g1, state, params)
   assert all(np.all(np.asarray(u) == 0) for u in jax.tree.leaves(u1))  # first micro-step
@@ -152,3 +161,30 @@ def test_grad_accumulation_equals_mean_gradient():
   want, _ = plain.update(mean, plain.init(params), params)
   for a, b in zip(jax.tree.leaves(u2), jax.tree.leaves(want)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+
+
+def test_partial_sections_take_the_base_defaults_and_refuse_typos():
+  """A dict with some fields gets the rest from base_config(), the only table of defaults."""
+  base = config_base.base_config()
+  full = config_base.section("optimizer", {"lr": 0.5})
+  assert full == dict(base.optimizer.to_dict(), lr=0.5)
+  assert config_base.section("train", None) == base.train.to_dict()
+  # The schedule of a partial dict is the schedule of the full base section.
+  part = optimizer.make_lr_schedule({"lr": 2e-3}, 400)
+  whole = optimizer.make_lr_schedule(_opt_cfg(lr=2e-3), 400)
+  for c in (0, 50, 99, 100, 250, 399):
+    assert float(part(c)) == float(whole(c))
+  with pytest.raises(ConfigError, match=r"unknown optimizer field 'lrr' \(did you mean lr\?\)"):
+    optimizer.make_optimizer({"lrr": 1e-3}, 10)
+  with pytest.raises(ConfigError, match="unknown train field 'los'"):
+    step.build_train_step(tiny.tiny_model_cfg(), tiny.tiny_heads_cfg("hydra"), {"los": "hard"},
+                          None, sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]), None)
+
+
+def test_no_module_declares_its_own_defaults():
+  import inspect
+  from hydra_jax.training import data
+  for module in (step, optimizer, data):
+    src = inspect.getsource(module)
+    assert "DEFAULTS" not in src and "cfg_get" not in src, module.__name__
+  assert data.default_data_config().to_dict() == config_base.base_config().data.to_dict()

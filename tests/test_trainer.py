@@ -2,6 +2,9 @@
 exported heads, a NaN stop that keeps the last good checkpoint, and clear errors for bad
 input. One tiny model and one compiled run are shared by the whole module."""
 
+import errno
+import hashlib
+import json
 import os
 import shutil
 
@@ -15,6 +18,7 @@ from hydra_jax.checkpoint.heads_io import load_heads, save_heads
 from hydra_jax.model.config import ModelConfig
 from hydra_jax.model.heads import HeadsConfig, HeadsMismatchError, param_shapes
 from hydra_jax.training import checkpointing, evaluation, metrics_log
+from hydra_jax.training.errors import CheckpointCorruptError, CheckpointWriteError
 from hydra_jax.training.trainer import ConfigError, TrainingDivergedError, train_and_evaluate
 
 import _tiny_run as tr
@@ -157,6 +161,99 @@ def test_nan_stops_and_keeps_the_last_good_checkpoint(setup, finished, tmp_path)
   assert max(r["step"] for r in metrics_log.read_metrics(workdir, "train")) == 6
 
 
+def _file_hashes(root):
+  out = {}
+  for d, _, files in os.walk(root):
+    for name in files:
+      path = os.path.join(d, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
+  return out
+
+
+def _truncate_largest_array_file(checkpoint_dir):
+  files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(checkpoint_dir, "state"))
+           for f in fs]
+  target = max(files, key=os.path.getsize)
+  with open(target, "r+b") as f:
+    f.truncate(100)
+
+
+def test_rerun_of_a_finished_run_says_so_without_training(setup, finished, tmp_path, capsys):
+  model, text = setup
+  workdir = str(tmp_path / "run")
+  shutil.copytree(finished[0], workdir)
+  before = _file_hashes(workdir)
+  again = train_and_evaluate(tr.tiny_config(model, text), workdir)
+  assert again["already_complete"] and again["resumed_from"] == 8 and again["step"] == 8
+  assert again["eval/accept_length"] == finished[1]["eval/accept_length"]
+  assert "training is already complete: checkpoint 8 of 8 steps" in capsys.readouterr().err
+  assert _file_hashes(workdir) == before
+
+
+def test_disk_full_during_a_checkpoint_keeps_the_last_good_one(setup, finished, tmp_path,
+                                                               monkeypatch):
+  """ENOSPC in orbax's background write of checkpoint 6: one clear error, no partial save."""
+  from orbax.checkpoint._src.handlers import json_checkpoint_handler as jch
+  model, text = setup
+  workdir = str(tmp_path / "run")
+  shutil.copytree(finished[0], workdir)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  for step in ("6", "8"):
+    shutil.rmtree(os.path.join(ckpt_dir, step))
+  shutil.rmtree(os.path.join(workdir, "heads"))
+  good = _file_hashes(os.path.join(ckpt_dir, "4"))
+  write = jch.JsonCheckpointHandler._save_fn
+
+  async def disk_full(self, item, directory):
+    (directory / "metadata").write_text(json.dumps(item)[:10])  # half a file, then no space
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory / "metadata"))
+
+  monkeypatch.setattr(jch.JsonCheckpointHandler, "_save_fn", disk_full)
+  with pytest.raises(CheckpointWriteError) as err:
+    train_and_evaluate(tr.tiny_config(model, text), workdir)
+  assert str(err.value).startswith(
+      f"checkpoint write failed: no space left in {workdir}; the last good checkpoint is "
+      f"step 4 in {ckpt_dir}; removed the partial checkpoint 6.")
+  assert sorted(os.listdir(ckpt_dir)) == ["4"]  # no tmp dir left
+  assert _file_hashes(os.path.join(ckpt_dir, "4")) == good
+  monkeypatch.setattr(jch.JsonCheckpointHandler, "_save_fn", write)
+  final = train_and_evaluate(tr.tiny_config(model, text), workdir)  # space is back: resume
+  assert final["resumed_from"] == 4 and final["step"] == 8
+
+
+def test_unreadable_checkpoint_falls_back_to_the_previous_one(setup, finished, tmp_path, capsys):
+  model, text = setup
+  workdir = str(tmp_path / "run")
+  shutil.copytree(finished[0], workdir)
+  shutil.rmtree(os.path.join(workdir, "heads"))  # else the rerun is "already complete"
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  _truncate_largest_array_file(os.path.join(ckpt_dir, "8"))
+  kept = _file_hashes(os.path.join(ckpt_dir, "6"))
+  final = train_and_evaluate(tr.tiny_config(model, text), workdir)
+  err = capsys.readouterr().err
+  assert "warning: checkpoint 8 in" in err and "resuming from checkpoint 6" in err
+  assert "Traceback" not in err and "Event loop is closed" not in err
+  assert final["resumed_from"] == 6 and final["step"] == 8
+  assert os.path.isdir(os.path.join(workdir, "corrupt_checkpoints", "8"))
+  assert _file_hashes(os.path.join(ckpt_dir, "6")) == kept
+  # Steps 7 and 8 replayed from checkpoint 6: the same heads as the uninterrupted run.
+  _, ref = load_heads(finished[1]["heads_dir"])
+  _, got = load_heads(final["heads_dir"])
+  for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+    np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)
+
+  # When no checkpoint reads back: one error naming the directory, nothing touched.
+  for step in os.listdir(ckpt_dir):
+    _truncate_largest_array_file(os.path.join(ckpt_dir, step))
+  shutil.rmtree(os.path.join(workdir, "heads"))
+  before = _file_hashes(workdir)
+  with pytest.raises(CheckpointCorruptError, match=f"no checkpoint in {ckpt_dir} can be read "
+                                                   f".*delete {ckpt_dir} to start over"):
+    train_and_evaluate(tr.tiny_config(model, text), workdir)
+  assert _file_hashes(workdir) == before
+
+
 # --- bad input: each fails before anything is compiled -------------------------------------
 
 
@@ -200,6 +297,11 @@ def test_resume_refuses_a_checkpoint_of_other_heads_or_base(setup, finished, tmp
   other = tr.tiny_model(tmp_path_factory, "trainer_other_model", num_layers=3)
   with pytest.raises(checkpointing.CheckpointMismatchError, match="different base model"):
     train_and_evaluate(tr.tiny_config(other, text), workdir)
+  # Same architecture (config fingerprint), other weights: caught by the weights record.
+  twin = tr.tiny_model(tmp_path_factory, "trainer_twin_model", seed=1)
+  assert read_hf_config(twin).fingerprint() == read_hf_config(model).fingerprint()
+  with pytest.raises(checkpointing.CheckpointMismatchError, match="other weights"):
+    train_and_evaluate(tr.tiny_config(twin, text), workdir)
 
 
 def test_unwritable_workdir_and_missing_model(setup, tmp_path):

@@ -66,7 +66,8 @@ def test_buffers_match_definitions(name):
     assert t.depths[i] == len(p)
     assert t.parents[i] == (idx[p[:-1]] if p else -1)
     assert t.ranks[i] == (p[-1] if p else 0)
-    assert t.medusa_head[i] == len(p) - 1
+    assert [int(x) for x in t.depth_nodes[len(p) - 1]][t.depth_local[i]] == i if p else \
+        t.depth_local[i] == 0
     want_nodes = [idx[p[:k]] for k in range(len(p) + 1)]
     assert list(t.node_path[i]) == want_nodes + [-1] * (t.depth - len(p))
     assert t.is_leaf[i] == (p != () and not any(len(q) > len(p) and is_prefix(p, q) for q in idx))
@@ -78,15 +79,6 @@ def test_buffers_match_definitions(name):
   for row, leaf in zip(t.retrieve, leaves):
     assert tuple(t.ranks[i] for i in row[1:] if i >= 0) == leaf
     assert list(row[len(leaf) + 1:]) == [-1] * (t.depth - len(leaf))
-  assert list(t.path_lengths) == [len(p) for p in leaves]
-  for i in range(n):
-    assert is_prefix(path_of[i], leaves[t.leaf_of_node[i]])
-  # Medusa: node i takes rank ranks[i] of head medusa_head[i]; the flat index picks it from
-  # concat([root], topk_HxK.ravel()).
-  cand = np.arange(1 + t.depth * t.topk)
-  for i in range(1, n):
-    assert cand[t.medusa_flat[i]] == 1 + (len(path_of[i]) - 1) * t.topk + path_of[i][-1]
-  assert t.medusa_flat[0] == 0
 
 
 @pytest.mark.parametrize("name", ["mc_sim_7b_63", "greedy_127", "chain_4", "greedy_15"])
@@ -100,11 +92,12 @@ def test_expansion_plans_rebuild_every_path(name):
     assert list(nodes) == list(range(nodes[0], nodes[0] + len(nodes)))  # contiguous
     rows = t.expand_rows[d - 1]
     prev_nodes = [idx[p] for p in level_paths]
-    assert [prev_nodes[k] for k in t.expand_local[d - 1]] == list(rows)
+    local = [int(t.depth_local[r]) for r in rows]  # each row's index within its depth
+    assert [prev_nodes[k] for k in local] == list(rows)
     assert all(any(t.parents[c] == r for c in range(t.num_nodes)) for r in rows)
     # A top-k table whose entry [row, r] is the child's path, as the heads would give tokens.
     K = t.topk_per_depth[d - 1]
-    table = [[level_paths[k] + (r,) for r in range(K)] for k in t.expand_local[d - 1]]
+    table = [[level_paths[k] + (r,) for r in range(K)] for k in local]
     children = [table[row][rank] for row, rank in zip(t.child_row[d - 1], t.child_rank[d - 1])]
     assert [idx[c] for c in children] == list(nodes)
     assert max(t.child_rank[d - 1]) + 1 == K

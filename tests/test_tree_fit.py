@@ -19,6 +19,10 @@ import pytest
 from hydra_jax.checkpoint.heads_io import save_heads
 from hydra_jax.decoding import api, tree_fit
 from hydra_jax.decoding import speculative as spec
+from hydra_jax.decoding import tree as tree_lib
+from hydra_jax.decoding.acceptance import AcceptParams
+from hydra_jax.decoding.drafting import SpecModels, heads_drafter
+from hydra_jax.decoding.state import StopCriteria
 from hydra_jax.decoding.tree import compile_tree, expected_accept_length, load_tree
 from hydra_jax.model.heads import HeadsConfig, init_heads
 from hydra_jax.testing import make_hf_model
@@ -95,23 +99,25 @@ def test_calibrated_ranks_predict_every_speculative_step(setup, arch):
   lens = np.array([t + 1 for _, t in starts], np.int32)
   for r, (s, t) in enumerate(starts):
     prompt[r, :t + 1] = s[:t + 1]
-  models = spec.SpecModels(model.config, cfg, tree)
+  models = SpecModels(model.config, cfg, tree)
 
   @jax.jit
   def one_step(base, hp, prompt, lens):
-    stop = jnp.zeros((0,), jnp.int32)
-    state = spec.prefill(models, base, hp, prompt, lens, cache_len, jnp.int32(100), stop)
-    drafter = spec.heads_drafter(models, base, hp)
-    return spec.spec_step(models, base, hp, drafter, state, jnp.int32(100), stop)
+    stop, accept_params = StopCriteria.make(100), AcceptParams.make()
+    state = spec.spec_prefill(models, cache_len, base, hp, prompt, lens, jnp.ones((b,), bool),
+                              jnp.arange(b, dtype=jnp.int32), jax.random.key(0), accept_params,
+                              stop)
+    drafter = heads_drafter(models, base, hp)
+    return spec.spec_step(models, base, hp, drafter, state, accept_params, stop)
 
   state = one_step(model.params, params, jnp.asarray(prompt), jnp.asarray(lens))
-  got = np.asarray(state.accepted_BxC[:, 0]) - 1
+  got = np.asarray(state.spec.accepted_BxS[:, 0]) - 1
   want = np.array([_accept_from_ranks(tree, row) for row in rows])
   np.testing.assert_array_equal(got, want)
   assert len(set(want.tolist())) >= 2, "the replay should see several accept lengths"
   # The replay estimate is the engine's mean accept length over these steps, exactly.
   assert tree_fit.replay_accept_length(tree, np.stack(rows)) == pytest.approx(1 + got.mean())
-  out = np.asarray(state.out_BxC)
+  out = np.asarray(state.tokens)
   for r, (s, t) in enumerate(starts):  # and the emitted tokens are the greedy ones
     assert out[r, :want[r] + 2].tolist() == s[t + 1:t + want[r] + 3]
 
@@ -175,19 +181,36 @@ def test_hardware_fit_takes_the_argmax_of_expected_tokens_per_second():
   fit = tree_fit.fit_to_hardware(None, None, acc, sizes, max_nodes=16,
                                  step_times=tables[0], ar_step_time=1.0)
   assert [r["size"] for r in fit.rows] == [4, 8, 16] and fit.tree.num_nodes == 16
+  # Depth caps: one candidate per (size, cap), without duplicates; each deeper level costs.
+  trees = tree_fit.candidate_trees(acc, (2, 4, 8), depths=(1, 2, 3))
+  for t in trees:
+    size, cap = (int(x) for x in t.name[len("fit_"):].split("_d"))
+    assert t.num_nodes == size and t.depth <= cap
+    assert t.paths == compile_tree(tree_fit.fit_tree(acc[:cap], size - 1)).paths
+  assert len({t.paths for t in trees}) == len(trees) and trees[0].name == "fit_2_d1"
+  times = {t.name: 1.0 + 0.01 * t.num_nodes + 0.5 * t.depth for t in trees}
+  fit = tree_fit.fit_to_hardware(None, None, acc, (2, 4, 8), depths=(1, 2, 3),
+                                 step_times=times, ar_step_time=1.0)
+  want = max(trees, key=lambda t: expected_accept_length(t, acc) / times[t.name])
+  assert fit.tree.name == want.name
 
 
 def test_resolve_tree_auto(setup, tmp_path, caplog):
-  assert tree_fit.resolve_tree("greedy_15", str(tmp_path)) == "greedy_15"
+  """tree.resolve_tree: the one place trees are resolved (generate, decode.py, demo, bench)."""
+  assert tree_lib.resolve_tree("greedy_15", str(tmp_path)) == load_tree("greedy_15")
+  with pytest.raises(tree_lib.TreeError, match="draft heads"):
+    tree_lib.resolve_tree("chain_4", str(tmp_path), num_heads=2)
+  with pytest.raises(tree_lib.TreeError, match="rank 9 but only the top-4"):
+    tree_lib.resolve_tree("mc_sim_7b_63", None, num_heads=4, max_topk=4)  # a 4-token vocab
   with caplog.at_level(logging.WARNING, logger="hydra_jax.decoding"):
-    fallback = tree_fit.resolve_tree("auto", str(tmp_path), num_heads=2)
+    fallback = tree_lib.resolve_tree("auto", str(tmp_path), num_heads=2)
   assert "tree_auto.json does not exist" in caplog.text and "mc_sim_7b_63" in caplog.text
   want = [p for p in load_tree("mc_sim_7b_63").paths if len(p) <= 2]
   assert list(fallback.paths) == sorted(want, key=lambda p: (len(p), p))
-  assert tree_fit.resolve_tree("auto", setup["heads"]["medusa"]).name == "mc_sim_7b_63"
+  assert tree_lib.resolve_tree("auto", None).name == "mc_sim_7b_63"  # heads given as arrays
   with open(tmp_path / "tree_auto.json", "w") as f:
     json.dump({"name": "mine", "paths": [[0], [1], [0, 0]], "table": []}, f)
-  stored = tree_fit.resolve_tree("auto", str(tmp_path), num_heads=2)
+  stored = tree_lib.resolve_tree("auto", str(tmp_path), num_heads=2)
   assert stored.name == "mine" and stored.paths == ((0,), (1,), (0, 0))
 
 
@@ -201,7 +224,8 @@ def test_cli_writes_a_tree_that_generate_uses_with_tree_auto(setup, tmp_path):
   out = os.path.join(heads_dir, "tree_auto.json")
   assert tree_fit.main(["--model", setup["model_dir"], "--heads", heads_dir, "--prompts",
                         str(prompts), "--out", out, "--sizes", "4", "8", "--max-new-tokens",
-                        str(MAX_NEW), "--references", "--iters", "2", "--repeats", "1"]) == 0
+                        str(MAX_NEW), "--references", "--depths", "--iters", "2",
+                        "--repeats", "1"]) == 0
   with open(out) as f:
     saved = json.load(f)
   acc = np.asarray(saved["acc"])
@@ -210,11 +234,29 @@ def test_cli_writes_a_tree_that_generate_uses_with_tree_auto(setup, tmp_path):
   assert [r["size"] for r in saved["table"]] == [4, 8]
   best = max(saved["table"], key=lambda r: r["expected_tokens_per_s"])
   assert best["chosen"] and saved["size"] == best["size"]
-  assert saved["paths"] == tree_fit.fit_tree(acc, best["size"] - 1)
+  assert saved["paths"] == tree_fit.fit_tree_replay(cal.ranks, best["size"] - 1)
   assert all(r["step_ms"] > 0 for r in saved["table"]) and saved["ar_step_ms"] > 0
 
   ar = api.generate(model, PROMPTS, 12)
   sp = api.generate(model, PROMPTS, 12, heads=heads_dir, tree="auto")
   assert [r.output_ids for r in sp] == [r.output_ids for r in ar]
-  used = [k[2] for k in api._SPEC_ENGINES if k[1] == cfg]
+  used = [k[3] for k in api._ENGINES if k[2] == cfg]
   assert compile_tree(saved["paths"]) in used
+
+
+SHIPPED = os.path.join(os.path.dirname(api.__file__), "..", "assets", "tiny_shakespeare", "heads")
+
+
+@pytest.mark.parametrize("kind", ["medusa", "hydra", "hydra_pp"])
+def test_shipped_heads_have_a_fitted_tree(kind):
+  heads_dir = os.path.join(SHIPPED, kind)
+  if not os.path.isdir(heads_dir):
+    pytest.skip(f"no shipped heads at {heads_dir}")
+  with open(os.path.join(heads_dir, "tree_auto.json")) as f:
+    saved = json.load(f)
+  tree = tree_lib.resolve_tree("auto", heads_dir, num_heads=4)
+  assert [list(p) for p in tree.paths] == saved["paths"] and tree.name == saved["name"]
+  chosen = [r for r in saved["table"] if r["chosen"]]
+  assert len(chosen) == 1 and chosen[0]["paths"] == saved["paths"]
+  assert chosen[0]["expected_tokens_per_s"] == max(
+      r["expected_tokens_per_s"] for r in saved["table"] if not r["reference"])

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import os
 import re
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -40,63 +40,89 @@ class HFModel:
 
 
 # --- the key table -------------------------------------------------------------------------
-# Each rule: HF name regex -> (param path template, to_ours(np, cfg), to_hf(np, cfg), shape(cfg)).
-# Torch Linear weights are [out, in]; ours put the contraction dim first.
+# Each rule: HF name regex -> (param path template, slot(cfg), to_ours(np, cfg), to_hf(np, cfg),
+# shape(cfg)). Torch Linear weights are [out, in]; ours put the contraction dim first.
+#
+# Some of our params fuse several HF tensors that read the same input (one matmul instead of
+# two or three, which small-T decoding on CPUs pays for per op): q/k/v live in one
+# qkv_proj [D, K, G + 2, H] (per kv head: its G query heads, then k, then v, so that sharding
+# the kv-head axis keeps each group on one device) and gate/up in one gate_up_proj [D, 2, F].
+# `slot` is the index of the HF tensor's part inside the fused param (None: the whole param).
 
 
-def _q_like(heads_attr):
+def _group(c):
+  return c.num_heads // c.num_kv_heads
+
+
+def _qkv_kernel(part):
+  """q (part "q"), k or v weight <-> its slot of qkv_proj/kernel [D, K, G + 2, H]."""
+  def slot(c):
+    g = _group(c)
+    return np.s_[:, :, :g] if part == "q" else np.s_[:, :, g + (part == "v")]
+
   def to_ours(w, c):
-    return w.T.reshape(c.hidden_size, getattr(c, heads_attr), c.head_dim)
+    heads = (_group(c),) if part == "q" else ()
+    return w.T.reshape((c.hidden_size, c.num_kv_heads) + heads + (c.head_dim,))
 
   def to_hf(w, c):
     return w.reshape(c.hidden_size, -1).T
 
   def shape(c):
-    return (getattr(c, heads_attr) * c.head_dim, c.hidden_size)
-  return to_ours, to_hf, shape
+    heads = c.num_heads if part == "q" else c.num_kv_heads
+    return (heads * c.head_dim, c.hidden_size)
+  return slot, to_ours, to_hf, shape
 
 
-def _bias_like(heads_attr):
-  return (lambda b, c: b.reshape(getattr(c, heads_attr), c.head_dim),
-          lambda b, c: b.reshape(-1),
-          lambda c: (getattr(c, heads_attr) * c.head_dim,))
+def _qkv_bias(part):
+  def slot(c):
+    g = _group(c)
+    return np.s_[:, :g] if part == "q" else np.s_[:, g + (part == "v")]
+
+  def to_ours(b, c):
+    heads = (_group(c),) if part == "q" else ()
+    return b.reshape((c.num_kv_heads,) + heads + (c.head_dim,))
+
+  def shape(c):
+    return ((c.num_heads if part == "q" else c.num_kv_heads) * c.head_dim,)
+  return slot, to_ours, lambda b, c: b.reshape(-1), shape
 
 
 _T = (lambda w, c: w.T, lambda w, c: w.T)
 _ID = (lambda w, c: w, lambda w, c: w)
+_WHOLE = lambda c: None
+_LAYER = r"model\.layers\.(\d+)\."
 
-_RULES: List[Tuple[str, str, Callable, Callable, Callable]] = [
-    (r"model\.embed_tokens\.weight", "embed_tokens/embedding", *_ID,
+_RULES: List[Tuple[str, str, Callable, Callable, Callable, Callable]] = [
+    (r"model\.embed_tokens\.weight", "embed_tokens/embedding", _WHOLE, *_ID,
      lambda c: (c.vocab_size, c.hidden_size)),
-    (r"model\.norm\.weight", "norm/scale", *_ID, lambda c: (c.hidden_size,)),
-    (r"lm_head\.weight", "lm_head/kernel", *_T, lambda c: (c.vocab_size, c.hidden_size)),
-    (r"model\.layers\.(\d+)\.self_attn\.q_proj\.weight", "layers_{0}/self_attn/q_proj/kernel",
-     *_q_like("num_heads")),
-    (r"model\.layers\.(\d+)\.self_attn\.k_proj\.weight", "layers_{0}/self_attn/k_proj/kernel",
-     *_q_like("num_kv_heads")),
-    (r"model\.layers\.(\d+)\.self_attn\.v_proj\.weight", "layers_{0}/self_attn/v_proj/kernel",
-     *_q_like("num_kv_heads")),
-    (r"model\.layers\.(\d+)\.self_attn\.q_proj\.bias", "layers_{0}/self_attn/q_proj/bias",
-     *_bias_like("num_heads")),
-    (r"model\.layers\.(\d+)\.self_attn\.k_proj\.bias", "layers_{0}/self_attn/k_proj/bias",
-     *_bias_like("num_kv_heads")),
-    (r"model\.layers\.(\d+)\.self_attn\.v_proj\.bias", "layers_{0}/self_attn/v_proj/bias",
-     *_bias_like("num_kv_heads")),
-    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", "layers_{0}/self_attn/o_proj/kernel",
+    (r"model\.norm\.weight", "norm/scale", _WHOLE, *_ID, lambda c: (c.hidden_size,)),
+    (r"lm_head\.weight", "lm_head/kernel", _WHOLE, *_T, lambda c: (c.vocab_size, c.hidden_size)),
+    *[(_LAYER + rf"self_attn\.{x}_proj\.weight", "layers_{0}/self_attn/qkv_proj/kernel",
+       *_qkv_kernel(x)) for x in "qkv"],
+    *[(_LAYER + rf"self_attn\.{x}_proj\.bias", "layers_{0}/self_attn/qkv_proj/bias",
+       *_qkv_bias(x)) for x in "qkv"],
+    (_LAYER + r"self_attn\.o_proj\.weight", "layers_{0}/self_attn/o_proj/kernel", _WHOLE,
      lambda w, c: w.T.reshape(c.num_heads, c.head_dim, c.hidden_size),
      lambda w, c: w.reshape(-1, c.hidden_size).T,
      lambda c: (c.hidden_size, c.num_heads * c.head_dim)),
-    (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", "layers_{0}/mlp/gate_proj/kernel", *_T,
-     lambda c: (c.intermediate_size, c.hidden_size)),
-    (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", "layers_{0}/mlp/up_proj/kernel", *_T,
-     lambda c: (c.intermediate_size, c.hidden_size)),
-    (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", "layers_{0}/mlp/down_proj/kernel", *_T,
+    (_LAYER + r"mlp\.gate_proj\.weight", "layers_{0}/mlp/gate_up_proj/kernel",
+     lambda c: np.s_[:, 0], *_T, lambda c: (c.intermediate_size, c.hidden_size)),
+    (_LAYER + r"mlp\.up_proj\.weight", "layers_{0}/mlp/gate_up_proj/kernel",
+     lambda c: np.s_[:, 1], *_T, lambda c: (c.intermediate_size, c.hidden_size)),
+    (_LAYER + r"mlp\.down_proj\.weight", "layers_{0}/mlp/down_proj/kernel", _WHOLE, *_T,
      lambda c: (c.hidden_size, c.intermediate_size)),
-    (r"model\.layers\.(\d+)\.input_layernorm\.weight", "layers_{0}/input_layernorm/scale", *_ID,
+    (_LAYER + r"input_layernorm\.weight", "layers_{0}/input_layernorm/scale", _WHOLE, *_ID,
      lambda c: (c.hidden_size,)),
-    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight",
-     "layers_{0}/post_attention_layernorm/scale", *_ID, lambda c: (c.hidden_size,)),
+    (_LAYER + r"post_attention_layernorm\.weight", "layers_{0}/post_attention_layernorm/scale",
+     _WHOLE, *_ID, lambda c: (c.hidden_size,)),
 ]
+
+# Full shapes of the fused params, by path suffix.
+_FUSED_SHAPES: Dict[str, Callable[[ModelConfig], Tuple[int, ...]]] = {
+    "qkv_proj/kernel": lambda c: (c.hidden_size, c.num_kv_heads, _group(c) + 2, c.head_dim),
+    "qkv_proj/bias": lambda c: (c.num_kv_heads, _group(c) + 2, c.head_dim),
+    "gate_up_proj/kernel": lambda c: (c.hidden_size, 2, c.intermediate_size),
+}
 # Buffers some exporters write that carry no weights.
 _IGNORED = [re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")]
 
@@ -117,10 +143,11 @@ def expected_hf_keys(cfg: ModelConfig) -> List[str]:
 
 
 def _match(key: str):
-  for pattern, template, to_ours, to_hf, shape in _RULES:
+  """(param path, slot, to_ours, to_hf, shape) for an HF tensor name, or None."""
+  for pattern, template, slot, to_ours, to_hf, shape in _RULES:
     m = re.fullmatch(pattern, key)
     if m:
-      return template.format(*m.groups()), to_ours, to_hf, shape
+      return template.format(*m.groups()), slot, to_ours, to_hf, shape
   return None
 
 
@@ -207,9 +234,21 @@ def _set(tree: dict, path: str, value):
 def load_params(path: str, cfg: ModelConfig, param_dtype=jnp.float32) -> dict:
   """Reads and checks every tensor; returns the params pytree (jax arrays of param_dtype)."""
   files = _weight_files(path)
+  where = ", ".join(sorted(os.path.basename(f) for f in files))
+  return params_from_hf_tensors(_iter_tensors(files), cfg, param_dtype, where)
+
+
+def params_from_hf_tensors(tensors: Iterable[Tuple[str, str, np.ndarray]], cfg: ModelConfig,
+                           param_dtype=jnp.float32, where: str = "the checkpoint") -> dict:
+  """Our params from (file, HF tensor name, array) triples, strictly (see the module doc).
+
+  The one mapping from Hugging Face names to our layout: other formats (GGUF) rename their
+  tensors to HF names and come through here.
+  """
   params: dict = {}
+  fused: Dict[str, np.ndarray] = {}
   seen: Dict[str, str] = {}
-  for fname, key, tensor in _iter_tensors(files):
+  for fname, key, tensor in tensors:
     if any(p.fullmatch(key) for p in _IGNORED):
       continue
     if key in seen:
@@ -220,7 +259,7 @@ def load_params(path: str, cfg: ModelConfig, param_dtype=jnp.float32) -> dict:
       why = ("the config ties the embeddings, so no lm_head.weight is expected"
              if key == "lm_head.weight" else "no parameter of this model maps to it")
       raise CheckpointError(f"unexpected tensor {key} in {fname}: {why}")
-    target, to_ours, _, shape = rule
+    target, slot, to_ours, _, shape = rule
     layer = re.match(r"layers_(\d+)/", target)
     if layer and int(layer.group(1)) >= cfg.num_layers:
       raise CheckpointError(f"unexpected tensor {key} in {fname}: config.json has only "
@@ -231,13 +270,25 @@ def load_params(path: str, cfg: ModelConfig, param_dtype=jnp.float32) -> dict:
       raise CheckpointError(f"tensor {key} in {fname} has shape {tuple(tensor.shape)}, but "
                             f"config.json implies {tuple(shape(cfg))}")
     arr = to_ours(np.asarray(tensor).astype(np.float32), cfg)
-    _set(params, target, jnp.asarray(arr, dtype=param_dtype))
+    if slot(cfg) is None:
+      _set(params, target, jnp.asarray(arr, dtype=param_dtype))
+    else:
+      if target not in fused:
+        fused[target] = np.zeros(fused_param_shape(target, cfg), np.float32)
+      fused[target][slot(cfg)] = arr
   missing = [k for k in expected_hf_keys(cfg) if k not in seen]
   if missing:
-    where = ", ".join(sorted(os.path.basename(f) for f in files))
     more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
     raise CheckpointError(f"missing tensor(s) in {where}: {', '.join(missing[:5])}{more}")
+  for target, arr in fused.items():  # every part is present: no key is missing
+    _set(params, target, jnp.asarray(arr, dtype=param_dtype))
   return params
+
+
+def fused_param_shape(target: str, cfg: ModelConfig) -> Tuple[int, ...]:
+  """Full shape of a fused param (qkv_proj, gate_up_proj) given its path."""
+  suffix = "/".join(target.split("/")[-2:])
+  return _FUSED_SHAPES[suffix](cfg)
 
 
 def load_tokenizer(path: str):
@@ -276,8 +327,10 @@ def export_hf(params: dict, cfg: ModelConfig, path: str, dtype: str = "float32",
   os.makedirs(path, exist_ok=True)
   tensors = {}
   for key in expected_hf_keys(cfg):
-    target, _, to_hf, shape = _match(key)
+    target, slot, _, to_hf, shape = _match(key)
     value = np.asarray(jax.device_get(_get(params, target)), dtype=np.float32)
+    if slot(cfg) is not None:
+      value = value[slot(cfg)]
     out = np.ascontiguousarray(to_hf(value, cfg))
     assert out.shape == tuple(shape(cfg)), (key, out.shape)
     tensors[key] = out.astype(np_dtype)
@@ -310,4 +363,4 @@ def _save_bf16(tensors: Dict[str, np.ndarray], fname: str) -> None:
 
 
 __all__ = ["CheckpointError", "HFModel", "UnsupportedModelError", "export_hf", "load_hf_model",
-           "load_params", "read_hf_config", "expected_hf_keys", "load_tokenizer"]
+           "load_params", "params_from_hf_tensors", "read_hf_config", "expected_hf_keys", "load_tokenizer"]

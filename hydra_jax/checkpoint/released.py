@@ -23,12 +23,13 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import jax.numpy as jnp
 import numpy as np
 
-from hydra_jax.checkpoint.hf import CheckpointError, _iter_tensors, _match, expected_hf_keys
+from hydra_jax.checkpoint.hf import (CheckpointError, _iter_tensors, _match, expected_hf_keys,
+                                     fused_param_shape)
 from hydra_jax.model.config import ModelConfig, UnsupportedModelError, from_hf_config
 from hydra_jax.model.heads import HeadsConfig, HeadsMismatchError
 
@@ -93,15 +94,29 @@ def _require(conf: dict, keys, cfg_file: str):
 
 
 class _Table:
-  """Expected tensors: key -> (param path, torch shape, torch->ours transform)."""
+  """Expected tensors: key -> (param path, torch shape, torch->ours transform, slot).
+
+  slot: None, or the index of the tensor's part inside a fused param whose full shape is
+  `fused[path]` (Hydra's first block keeps W and W_res in one kernel [in, 2, D]).
+  """
 
   def __init__(self):
-    self.rules: Dict[str, Tuple[str, tuple, Callable]] = {}
+    self.rules: Dict[str, Tuple[str, tuple, Callable, Any]] = {}
+    self.fused: Dict[str, tuple] = {}
 
   def linear(self, key: str, path: str, d_in: int, d_out: int, bias: bool = True):
-    self.rules[key + ".weight"] = (path + "/kernel", (d_out, d_in), lambda w: w.T)
+    self.rules[key + ".weight"] = (path + "/kernel", (d_out, d_in), lambda w: w.T, None)
     if bias:
-      self.rules[key + ".bias"] = (path + "/bias", (d_out,), lambda b: b)
+      self.rules[key + ".bias"] = (path + "/bias", (d_out,), lambda b: b, None)
+
+  def first_block(self, key: str, path: str, d_in: int, d_out: int):
+    """Hydra's first block: `key`.linear -> [.., 0, :], `key`.res_connection -> [.., 1, :]."""
+    self.fused[path + "/kernel"] = (d_in, 2, d_out)
+    self.fused[path + "/bias"] = (2, d_out)
+    for j, part in enumerate(("linear", "res_connection")):
+      self.rules[f"{key}.{part}.weight"] = (path + "/kernel", (d_out, d_in), lambda w: w.T,
+                                            np.s_[:, j])
+      self.rules[f"{key}.{part}.bias"] = (path + "/bias", (d_out,), lambda b: b, np.s_[j])
 
 
 def _set(tree: dict, path: str, value):
@@ -130,7 +145,7 @@ def _build(state: Dict[str, np.ndarray], fname: str, table: _Table, ignored,
       raise CheckpointError(f"unexpected tensor {key} in {fname}: no parameter of these heads "
                             f"maps to it (wrong head count, layer count or head arch in "
                             f"config.json?)")
-    _, shape, _ = table.rules[key]
+    _, shape, _, _ = table.rules[key]
     if tuple(value.shape) != shape:
       raise CheckpointError(f"tensor {key} in {fname} has shape {tuple(value.shape)}, but "
                             f"config.json and the LM head imply {shape}")
@@ -144,27 +159,40 @@ def _build(state: Dict[str, np.ndarray], fname: str, table: _Table, ignored,
       np.array_equal(state[f"{group[0]}.linear.{p}"], state[f"{other}.linear.{p}"])
       for group in inner_groups for other in group[1:] for p in ("weight", "bias"))
   params: dict = {}
-  for key, (path, _, to_ours) in table.rules.items():
+  fused = {path: np.zeros(shape, np.float32) for path, shape in table.fused.items()}
+  for key, (path, _, to_ours, slot) in table.rules.items():
     m = re.fullmatch(r"(heads_\d+)/inner_(\d+)/(.*)", path)
     if m and shared:
       if m.group(2) != "0":
         continue  # loaded once, from the first copy
       path = f"{m.group(1)}/inner/{m.group(3)}"
-    _set(params, path, jnp.asarray(to_ours(state[key]), dtype=param_dtype))
+    value = np.asarray(to_ours(np.asarray(state[key], np.float32)))
+    if slot is None:
+      _set(params, path, jnp.asarray(value, dtype=param_dtype))
+    else:
+      fused[path][slot] = value  # every part is present: nothing is missing
+  for path, value in fused.items():
+    _set(params, path, jnp.asarray(value, dtype=param_dtype))
   return params, shared
 
 
 def _prefix_rules(table: _Table, base_cfg: ModelConfig):
-  """The Hydra++ prefix layer: a 1-layer Llama model's layers.0 and norm, HF key conventions."""
+  """The Hydra++ prefix layer: a 1-layer Llama model's layers.0 and norm, HF key conventions
+  (the HF table's layout, fused q/k/v and gate/up included)."""
   one = base_cfg.replace(num_layers=1)
   for hf_key in expected_hf_keys(one):
     if not (hf_key.startswith("model.layers.0.") or hf_key == "model.norm.weight"):
       continue
-    target, to_ours, _, shape = _match(hf_key)
-    target = ("prefix_norm/scale" if target == "norm/scale"
-              else "prefix_layer/" + target[len("layers_0/"):])
-    key = "prefix_embeding_layer." + hf_key[len("model."):]
-    table.rules[key] = (target, tuple(shape(one)), lambda w, f=to_ours, c=one: f(w, c))
+    target, slot, to_ours, _, shape = _match(hf_key)
+    if slot(one) is not None:
+      table.fused.setdefault(_prefix_path(target), fused_param_shape(target, one))
+    table.rules["prefix_embeding_layer." + hf_key[len("model."):]] = (
+        _prefix_path(target), tuple(shape(one)), lambda w, f=to_ours, c=one: f(w, c), slot(one))
+
+
+def _prefix_path(target: str) -> str:
+  return ("prefix_norm/scale" if target == "norm/scale"
+          else "prefix_layer/" + target[len("layers_0/"):])
 
 
 def load_released_hydra(directory: str, base_cfg: Optional[ModelConfig] = None,
@@ -203,9 +231,7 @@ def load_released_hydra(directory: str, base_cfg: Optional[ModelConfig] = None,
   inner_groups = []
   for i in range(num_heads):
     base = f"hydra_mlp.{i}"
-    table.linear(f"{base}.{first}.linear", f"heads_{i}/first/linear", (i + 2) * hidden, hidden)
-    table.linear(f"{base}.{first}.res_connection", f"heads_{i}/first/res_connection",
-                 (i + 2) * hidden, hidden)
+    table.first_block(f"{base}.{first}", f"heads_{i}/first", (i + 2) * hidden, hidden)
     group = []
     for j in range(num_layers - 1):
       idx = first + step * (j + 1)

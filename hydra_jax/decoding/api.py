@@ -23,14 +23,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hydra_jax.checkpoint.hf import HFModel, load_hf_model
-from hydra_jax.decoding.autoregressive import (FINISH_REASONS, AutoregressiveEngine, BatchOutput,
-                                               StopCriteria)
 from hydra_jax.checkpoint.heads_io import load_heads
+from hydra_jax.checkpoint.hf import HFModel, load_hf_model
+from hydra_jax.decoding.acceptance import DEFAULT_POSTERIOR_ALPHA, DEFAULT_POSTERIOR_THRESHOLD
+from hydra_jax.decoding.engine import DecodeEngine
 from hydra_jax.decoding.sampling import SamplingParams
-from hydra_jax.decoding.spec_engine import SpeculativeEngine
-from hydra_jax.decoding.spec_sampling import DEFAULT_POSTERIOR_ALPHA, DEFAULT_POSTERIOR_THRESHOLD
-from hydra_jax.decoding.tree import CompiledTree, TreeError, load_tree
+from hydra_jax.decoding.state import FINISH_REASONS, BatchOutput, StopCriteria
+from hydra_jax.decoding.tree import resolve_tree
 from hydra_jax.model.heads import HeadsConfig
 
 log = logging.getLogger("hydra_jax.decoding")
@@ -214,14 +213,15 @@ def make_results(model: HFModel, prompt_ids: Sequence[Sequence[int]], batch: Pre
 
 # --- generate --------------------------------------------------------------------------------
 
-_ENGINES: Dict[Tuple, AutoregressiveEngine] = {}
+_ENGINES: Dict[Tuple, DecodeEngine] = {}
 
 
-def get_engine(model: HFModel) -> AutoregressiveEngine:
-  """One engine (and its compiled executables) per (model config, compute dtype)."""
-  key = (model.config, str(jnp.dtype(model.dtype)))
+def get_engine(model: HFModel, heads_cfg: Optional[HeadsConfig] = None, tree=None,
+               accept: str = "greedy") -> DecodeEngine:
+  """One engine (and its compiled executables) per (model config, dtype, heads, tree, accept)."""
+  key = (model.config, str(jnp.dtype(model.dtype)), heads_cfg, tree, accept)
   if key not in _ENGINES:
-    _ENGINES[key] = AutoregressiveEngine(model.config, model.dtype)
+    _ENGINES[key] = DecodeEngine(model.config, model.dtype, heads_cfg, tree, accept)
   return _ENGINES[key]
 
 
@@ -237,16 +237,6 @@ def load_draft_heads(model: HFModel, heads) -> Tuple[HeadsConfig, Any]:
     cfg, params = load_heads(str(heads), model.config)
   params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, model.dtype), params)
   return cfg, params
-
-
-_SPEC_ENGINES: Dict[Tuple, SpeculativeEngine] = {}
-
-
-def get_spec_engine(model: HFModel, heads_cfg: HeadsConfig, tree, accept: str) -> SpeculativeEngine:
-  key = (model.config, heads_cfg, tree, str(jnp.dtype(model.dtype)), accept)
-  if key not in _SPEC_ENGINES:
-    _SPEC_ENGINES[key] = SpeculativeEngine(model.config, heads_cfg, tree, model.dtype, accept)
-  return _SPEC_ENGINES[key]
 
 
 def generate(model: Union[HFModel, str], prompts, max_new_tokens: int, *,
@@ -290,42 +280,31 @@ def generate(model: Union[HFModel, str], prompts, max_new_tokens: int, *,
   batch_size = len(ids) if batch_size is None else int(batch_size)
   if batch_size < 1:
     raise DecodeInputError(f"batch_size must be >= 1, got {batch_size}")
-  extra_slots = 0
+  heads_cfg = heads_params = tree_used = None
   if mode == "spec":
     heads_cfg, heads_params = load_draft_heads(model, heads)
-    if isinstance(tree, str) and tree == "auto":
-      from hydra_jax.decoding.tree_fit import resolve_tree  # lazy: tree_fit imports this module
-      tree = resolve_tree(tree, heads, num_heads=heads_cfg.num_heads)
-    compiled_tree = tree if isinstance(tree, CompiledTree) else load_tree(
-        tree, num_heads=heads_cfg.num_heads)
-    if compiled_tree.depth > heads_cfg.num_heads:
-      raise TreeError(f"tree depth {compiled_tree.depth} needs {compiled_tree.depth} draft heads "
-                      f"but the heads have {heads_cfg.num_heads}")
+    heads_dir = None if isinstance(heads, (tuple, list)) else str(heads)
+    tree_used = resolve_tree(tree, heads_dir, num_heads=heads_cfg.num_heads,
+                             max_topk=heads_cfg.draft_vocab_size)
     accept = accept or ("greedy" if float(temperature) == 0.0 else "exact")
     if accept not in ("greedy", "typical", "exact"):
       raise DecodeInputError(f"accept must be greedy, typical or exact, got {accept!r}")
     if accept == "greedy" and float(temperature) != 0.0:
       raise DecodeInputError("accept='greedy' needs temperature 0; use accept='exact' (lossless) "
                              "or 'typical' to sample")
-    extra_slots = compiled_tree.num_nodes  # a verify step writes the whole tree first
-    spec_engine = get_spec_engine(model, heads_cfg, compiled_tree, accept)
+  engine = get_engine(model, heads_cfg, tree_used, accept or "greedy")
   padded_len, cache_len = plan_shapes([len(x) for x in ids], int(max_new_tokens),
                                       model.config.max_position_embeddings, cache_len,
-                                      extra_slots=extra_slots)
+                                      extra_slots=engine.slots_per_step - 1)
   stop = StopCriteria.make(int(max_new_tokens), eos_ids(model), stop_ids or ())
-  engine = get_engine(model)
   pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
 
   results: List[GenerationResult] = []
   for start in range(0, len(ids), batch_size):
     batch = prepare_batch(ids, start, batch_size, padded_len, pad_id)
-    if mode == "spec":
-      out = spec_engine.run(model.params, heads_params, batch.tokens, batch.lengths,
-                            batch.active, batch.row_ids, sampling, stop, seed, cache_len,
-                            posterior_threshold, posterior_alpha)
-    else:
-      out = engine.run(model.params, batch.tokens, batch.lengths, batch.active, batch.row_ids,
-                       sampling, stop, seed, cache_len)
+    out = engine.run(model.params, heads_params, batch.tokens, batch.lengths, batch.active,
+                     batch.row_ids, sampling, stop, seed, cache_len, posterior_threshold,
+                     posterior_alpha)
     if out.compile_s > 0:
       log.info("compiled for batch %d x prompt %d, cache %d in %.2fs", batch_size, padded_len,
                cache_len, out.compile_s)
@@ -337,5 +316,5 @@ def generate(model: Union[HFModel, str], prompts, max_new_tokens: int, *,
 
 
 __all__ = ["DecodeInputError", "GenerationResult", "PreparedBatch", "eos_ids", "encode_prompts",
-           "generate", "get_engine", "get_spec_engine", "load_draft_heads", "load_model", "make_results", "normalize_prompts",
-           "plan_shapes", "prepare_batch"]
+           "generate", "get_engine", "load_draft_heads", "load_model", "make_results",
+           "normalize_prompts", "plan_shapes", "prepare_batch"]

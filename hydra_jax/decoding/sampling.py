@@ -83,22 +83,24 @@ def process_logits(logits_BxV: jax.Array, temperature: Scalar, top_k: Scalar = 0
   return jnp.where(temperature > 0, filtered, point_mass)
 
 
-def sample(logits_BxV: jax.Array, rng: jax.Array, temperature: Scalar = 0.0, top_k: Scalar = 0,
+def sample(logits_BxV: jax.Array, rng, temperature: Scalar = 0.0, top_k: Scalar = 0,
            top_p: Scalar = 1.0) -> jax.Array:
   """Draws one token per row: int32 [B].
 
-  `rng` is one key (split across rows) or a batch of B keys (one per row, so that a row's
-  draws do not depend on which other rows share its batch).
+  `rng` is one key (split across rows), a batch of B keys (one per row, so that a row's draws
+  do not depend on which other rows share its batch), or a function returning either: it is
+  then called only when sampling, so greedy decoding never derives keys (a threefry hash per
+  row and step) inside a decode loop.
   """
   b = logits_BxV.shape[0]
-  if _is_batched(rng):
-    if rng.shape[0] != b:
-      raise ValueError(f"sample got {rng.shape[0]} keys for {b} rows")
-    keys = rng
-  else:
-    keys = jax.random.split(rng, b)
 
   def draw(x):
+    keys = rng() if callable(rng) else rng
+    if _is_batched(keys):
+      if keys.shape[0] != b:
+        raise ValueError(f"sample got {keys.shape[0]} keys for {b} rows")
+    else:
+      keys = jax.random.split(keys, b)
     processed = process_logits(x, temperature, top_k, top_p)
     return jax.vmap(lambda key, row: jax.random.categorical(key, row))(keys, processed)
 
@@ -117,11 +119,15 @@ def _is_batched(rng: jax.Array) -> bool:
   return rng.ndim == 2  # raw uint32 keys [B, 2]
 
 
-def row_keys(seed_key: jax.Array, row_ids_B: jax.Array, step: jax.Array) -> jax.Array:
-  """Per-row, per-step keys: fold the row's id, then the step, into the seed key."""
-  fold = jax.vmap(jax.random.fold_in, in_axes=(None, 0))
-  per_row = fold(seed_key, row_ids_B)
-  return jax.vmap(jax.random.fold_in, in_axes=(0, None))(per_row, step)
+def row_keys(seed_key: jax.Array, row_ids_B: jax.Array, index) -> jax.Array:
+  """Keys [B]: output index `index` (a scalar or per row [B]) of prompt row_ids_B[b].
+
+  fold_in(fold_in(seed, row id), index): a row's draws depend on neither its batch nor the
+  decoding mode, so speculative sampling can use the keys autoregressive sampling uses.
+  """
+  index_B = jnp.broadcast_to(jnp.asarray(index, jnp.int32), row_ids_B.shape)
+  return jax.vmap(lambda r, i: jax.random.fold_in(jax.random.fold_in(seed_key, r), i))(
+      row_ids_B, index_B)
 
 
 __all__ = ["SamplingParams", "check_sampling_args", "process_logits", "sample", "row_keys"]

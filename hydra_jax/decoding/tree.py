@@ -6,8 +6,10 @@ like Medusa: node 0 is the root, then the paths sorted by (length, path), so the
 depth form a contiguous range and every parent precedes its children.
 
 `compile_tree` turns the paths into the constants the decode loop closes over (attention
-mask, depths, acceptance tables, Medusa's cartesian candidate indices and the per-depth
-gather plans of sequential drafting). Everything is computed once, in numpy, outside jit.
+mask, depths, acceptance tables and the per-depth gather plans of drafting). Everything is
+computed once, in numpy, outside jit. `resolve_tree` is the one place that turns what a user
+names (a preset, a JSON file, paths, a CompiledTree, or "auto": the tree fitted to the heads,
+HEADS_DIR/tree_auto.json) into the CompiledTree a set of heads can draft.
 
 Legend: N nodes including the root, D depth (longest path), P leaf paths, R_d rows that
 expand at depth d, n_d nodes at depth d, K top-k.
@@ -18,12 +20,15 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import json
+import logging
 import os
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+
+log = logging.getLogger("hydra_jax.decoding")
 
 PRESETS_FILE = Path(__file__).resolve().parent.parent / "presets" / "trees.json"
 
@@ -107,15 +112,11 @@ class CompiledTree:
   node_path: np.ndarray  # int32 [N, D+1]: root-to-node node indices, padded with -1
   is_leaf: np.ndarray  # bool [N]
   retrieve: np.ndarray  # int32 [P, D+1]: root-to-leaf node indices, padded with -1
-  path_lengths: np.ndarray  # int32 [P]: nodes on each leaf path, root excluded
-  leaf_of_node: np.ndarray  # int32 [N]: first retrieve row whose path passes through the node
-  medusa_head: np.ndarray  # int32 [N]: head that proposes the node (depth - 1), root -1
-  medusa_flat: np.ndarray  # int32 [N]: index into concat([root], topk_HxK.ravel()), K = topk
+  depth_local: np.ndarray  # int32 [N]: the node's index among the nodes of its depth
   topk: int  # max rank + 1 over the whole tree (Medusa's per-head top-k)
   nodes_per_depth: Tuple[int, ...]  # n_d for d = 1..D
   depth_nodes: Tuple[np.ndarray, ...]  # [d-1]: int32 [n_d] node indices at depth d (contiguous)
   expand_rows: Tuple[np.ndarray, ...]  # [d-1]: int32 [R_d] nodes at depth d-1 with children
-  expand_local: Tuple[np.ndarray, ...]  # [d-1]: int32 [R_d] the same, as offsets within depth d-1
   child_row: Tuple[np.ndarray, ...]  # [d-1]: int32 [n_d] parent's index into expand_rows[d-1]
   child_rank: Tuple[np.ndarray, ...]  # [d-1]: int32 [n_d] rank within the parent's top-k
   topk_per_depth: Tuple[int, ...]  # [d-1]: max rank + 1 at depth d
@@ -176,40 +177,31 @@ def compile_tree(paths: Any, num_heads: Optional[int] = None, max_topk: Optional
   is_leaf[0] = n == 1  # unreachable (a tree has >= 1 path), kept for clarity
   leaves = np.nonzero(is_leaf)[0]
   retrieve = node_path[leaves].copy()
-  path_lengths = depths[leaves].astype(np.int32)
-  leaf_of_node = np.full(n, -1, np.int32)
-  for row, leaf in reversed(list(enumerate(leaves))):  # reversed: the first row wins
-    leaf_of_node[node_path[leaf, :depths[leaf] + 1]] = row
-
   topk = int(ranks.max()) + 1
-  medusa_head = (depths - 1).astype(np.int32)
-  medusa_flat = np.where(depths > 0, 1 + medusa_head * topk + ranks, 0).astype(np.int32)
+  first_of_depth = np.searchsorted(depths, depths)  # depths are sorted: nodes go depth by depth
+  depth_local = (np.arange(n) - first_of_depth).astype(np.int32)
 
-  depth_nodes, expand_rows, expand_local, child_row, child_rank = [], [], [], [], []
+  depth_nodes, expand_rows, child_row, child_rank = [], [], [], []
   topk_per_depth = []
   for d in range(1, depth + 1):
     nodes = np.nonzero(depths == d)[0].astype(np.int32)
-    prev = np.nonzero(depths == d - 1)[0]
     rows = np.unique(parents[nodes]).astype(np.int32)  # sorted, i.e. node order
     depth_nodes.append(nodes)
     expand_rows.append(rows)
-    expand_local.append(np.searchsorted(prev, rows).astype(np.int32))
     child_row.append(np.searchsorted(rows, parents[nodes]).astype(np.int32))
     child_rank.append(ranks[nodes].copy())
     topk_per_depth.append(int(ranks[nodes].max()) + 1)
 
-  arrays = [depths, parents, ranks, ancestors, node_path, is_leaf, retrieve, path_lengths,
-            leaf_of_node, medusa_head, medusa_flat]
-  for a in arrays + depth_nodes + expand_rows + expand_local + child_row + child_rank:
+  arrays = [depths, parents, ranks, ancestors, node_path, is_leaf, retrieve, depth_local]
+  for a in arrays + depth_nodes + expand_rows + child_row + child_rank:
     _readonly(a)
   return CompiledTree(
       name=name, paths=paths, num_nodes=n, depth=depth, depths=depths, parents=parents,
       ranks=ranks, ancestors=ancestors, node_path=node_path, is_leaf=is_leaf, retrieve=retrieve,
-      path_lengths=path_lengths, leaf_of_node=leaf_of_node, medusa_head=medusa_head,
-      medusa_flat=medusa_flat, topk=topk,
+      depth_local=depth_local, topk=topk,
       nodes_per_depth=tuple(int(x.shape[0]) for x in depth_nodes),
       depth_nodes=tuple(depth_nodes), expand_rows=tuple(expand_rows),
-      expand_local=tuple(expand_local), child_row=tuple(child_row),
+      child_row=tuple(child_row),
       child_rank=tuple(child_rank), topk_per_depth=tuple(topk_per_depth))
 
 
@@ -263,6 +255,55 @@ def load_tree(name_or_path: Union[str, os.PathLike, Sequence, CompiledTree],
     raise TreeError(f"unknown tree {spec!r}: give a JSON file or one of the presets "
                     f"{', '.join(sorted(presets))}")
   return compile_tree(paths, num_heads, max_topk, name=name)
+
+
+AUTO_TREE_FILE = "tree_auto.json"  # written by `python -m hydra_jax.decoding.tree_fit --out`
+TREE_AUTO = "auto"
+FALLBACK_TREE = "mc_sim_7b_63"
+
+
+def resolve_tree(tree: Any, heads_dir: Optional[str] = None, num_heads: Optional[int] = None,
+                 max_topk: Optional[int] = None) -> CompiledTree:
+  """The CompiledTree for `tree`, checked against heads of `num_heads` heads ranking
+  `max_topk` tokens (their draft vocabulary).
+
+  "auto" is HEADS_DIR/tree_auto.json when the heads directory has one; otherwise (no file,
+  or heads given as arrays: heads_dir None) FALLBACK_TREE cut to the heads' depth, with a
+  warning. Any other tree deeper than the heads, or using ranks beyond max_topk, is an error.
+  """
+  if isinstance(tree, str) and tree == TREE_AUTO:
+    path = (os.path.join(os.path.expanduser(os.fspath(heads_dir)), AUTO_TREE_FILE)
+            if heads_dir is not None else None)
+    if path is not None and os.path.isfile(path):
+      fitted = load_tree(path, num_heads=num_heads, max_topk=max_topk)
+      _warn_if_fitted_elsewhere(path)
+      log.info("tree auto: %s from %s", fitted.describe(), path)
+      return fitted
+    where = (f"{path} does not exist" if path is not None
+             else "the heads were given as (config, params), not a directory")
+    fallback = load_tree(FALLBACK_TREE)
+    paths = [list(p) for p in fallback.paths if num_heads is None or len(p) <= num_heads]
+    log.warning("tree auto: %s, so using %s; fit one with `python -m hydra_jax.decoding.tree_fit "
+                "--model MODEL --heads HEADS_DIR --prompts PROMPTS.jsonl --out "
+                "HEADS_DIR/%s`", where, FALLBACK_TREE, AUTO_TREE_FILE)
+    return compile_tree(paths, num_heads=num_heads, max_topk=max_topk, name=FALLBACK_TREE)
+  return load_tree(tree, num_heads=num_heads, max_topk=max_topk)
+
+
+def _warn_if_fitted_elsewhere(path: str) -> None:
+  """The best tree size depends on the device: say so when the file was fitted on another."""
+  try:
+    with open(path) as f:
+      meta = json.load(f)
+  except (OSError, json.JSONDecodeError):
+    return
+  device = meta.get("device") if isinstance(meta, dict) else None
+  if device:
+    import jax  # only here: the rest of this module is numpy
+    here = f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}"
+    if device != here:
+      log.warning("tree auto: %s was fitted on %s but this device is %s; refit it here with "
+                  "hydra_jax.decoding.tree_fit", path, device, here)
 
 
 # ----------------------------------------------------------------------------------------

@@ -19,8 +19,8 @@
    grows one tree per candidate size (either method), measures one jitted speculative step
    (draft + verify + accept + commit) of each and the autoregressive step on this device, and
    keeps the tree maximising expected tokens/s = expected tau / step time.
-3. `resolve_tree("auto", heads_dir)`: HEADS_DIR/tree_auto.json when present (this script with
-   --out pointing there), else mc_sim_7b_63 with a warning. No calibration is run on the fly:
+3. `tree.resolve_tree("auto", heads_dir)`: HEADS_DIR/tree_auto.json when present (this script
+   with --out pointing there), else mc_sim_7b_63 with a warning. No calibration is run on the fly:
    it costs an autoregressive pass over a prompt set plus one compile per candidate tree (about
    a minute per head kind for the embedded model on a 2-core CPU), too much to hide in a call.
 
@@ -36,7 +36,6 @@ import functools
 import json
 import logging
 import os
-import statistics
 import sys
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -45,19 +44,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hydra_jax.decoding.tree import (CompiledTree, compile_tree, expected_accept_length,
-                                     grow_tree, load_tree)
+from hydra_jax.decoding.step_timing import interleaved_medians, steady_state_timer
+from hydra_jax.decoding.tree import (AUTO_TREE_FILE, FALLBACK_TREE, CompiledTree, compile_tree,
+                                     expected_accept_length, grow_tree, load_tree)
 from hydra_jax.model.config import ModelConfig
-from hydra_jax.model.heads import DraftHeads, HeadsConfig
+from hydra_jax.model.heads import DraftHeads, HeadsConfig, shared_lm_kernel
 from hydra_jax.model.llama import LlamaModel
 
 log = logging.getLogger("hydra_jax.decoding")
 
 MAX_TOPK = 10
-DEFAULT_SIZES = (8, 16, 32, 64, 96, 128)
-AUTO_TREE_FILE = "tree_auto.json"
-FALLBACK_TREE = "mc_sim_7b_63"
-TREE_AUTO = "auto"
+DEFAULT_SIZES = (2, 3, 4, 5, 6, 8, 12, 16, 32, 64)
 
 
 # ----------------------------------------------------------------------------------------
@@ -101,8 +98,9 @@ def read_prompts(path: str) -> List[Union[str, List[int]]]:
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
 def _teacher_forced_ranks(base_cfg: ModelConfig, heads_cfg: HeadsConfig, dtype, max_topk: int,
                           base_params, heads_params, tokens_BxT):
-  """ranks [K, B, T]: rank of x_{t+k+2} in head k's logits at t (ties: lower id first, like
-  lax.top_k), clipped to max_topk; garbage where t + k + 2 >= T (masked by the caller)."""
+  """ranks [K, B, T]: rank of x_{t+k+2} in head k's logits at t (ties: lower index first, like
+  lax.top_k), clipped to max_topk (also for tokens outside the heads' draft vocabulary: no
+  tree can propose them); garbage where t + k + 2 >= T (masked by the caller)."""
   b, t = tokens_BxT.shape
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None, :], (b, t))
   _, hidden, _ = LlamaModel(base_cfg, dtype=dtype).apply(
@@ -111,16 +109,22 @@ def _teacher_forced_ranks(base_cfg: ModelConfig, heads_cfg: HeadsConfig, dtype, 
   heads = DraftHeads(heads_cfg, base_cfg, dtype=dtype)
   feats = heads.apply({"params": heads_params}, hidden, embeds, positions, True,
                       method="training_features")
-  vocab = jnp.arange(base_cfg.vocab_size, dtype=jnp.int32)[None, None, :]
+  base_lm = shared_lm_kernel(heads_cfg, base_cfg, base_params)
+  to_draft = np.full((base_cfg.vocab_size,), -1, np.int32)
+  to_draft[heads_cfg.draft_ids] = np.arange(heads_cfg.draft_vocab_size, dtype=np.int32)
+  index = jnp.arange(heads_cfg.draft_vocab_size, dtype=jnp.int32)[None, None, :]
   out = []
   for k in range(heads_cfg.num_heads):
-    logits = heads.apply({"params": heads_params}, k, feats[k], method="lm_logits")  # [B,T,V]
+    logits = heads.apply({"params": heads_params}, k, feats[k], base_lm,
+                         method="lm_logits")  # [B, T, V']
     shift = k + 2
     target = jnp.concatenate([tokens_BxT[:, shift:], jnp.zeros((b, min(shift, t)), jnp.int32)],
                              axis=1)[:, :t]
-    true_logit = jnp.take_along_axis(logits, target[:, :, None], axis=-1)  # [B, T, 1]
-    above = (logits > true_logit) | ((logits == true_logit) & (vocab < target[:, :, None]))
-    out.append(jnp.minimum(jnp.sum(above, axis=-1), max_topk).astype(jnp.int32))
+    target = jnp.take(jnp.asarray(to_draft), target)  # -1: not in the draft vocabulary
+    true_logit = jnp.take_along_axis(logits, jnp.maximum(target, 0)[:, :, None], axis=-1)
+    above = (logits > true_logit) | ((logits == true_logit) & (index < target[:, :, None]))
+    rank = jnp.minimum(jnp.sum(above, axis=-1), max_topk)
+    out.append(jnp.where(target < 0, max_topk, rank).astype(jnp.int32))
   return jnp.stack(out)
 
 
@@ -243,10 +247,6 @@ def fit_tree_replay(ranks_MxK: np.ndarray, num_nodes: int, max_topk: int = MAX_T
   return [list(p) for p in sorted(chosen, key=lambda p: (len(p), p))]
 
 
-def _fitted(acc: np.ndarray, size: int) -> CompiledTree:
-  return compile_tree(fit_tree(acc, size - 1), name=f"fit_{size}")
-
-
 @dataclasses.dataclass
 class HardwareFit:
   tree: CompiledTree  # the chosen tree
@@ -258,26 +258,18 @@ class HardwareFit:
     return next(r for r in self.rows if r["chosen"])
 
   def table(self) -> str:
-    lines = ["| tree | size (tokens/step) | expected tau | replay tau | step ms | "
-             "expected tokens/s | expected speedup |", "|---|---|---|---|---|---|---|",
-             f"| autoregressive | 1 | 1.000 | 1.000 | {self.ar_step_ms:.2f} | "
+    lines = ["| tree | size (tokens/step) | depth | expected tau | replay tau | step ms | "
+             "expected tokens/s | expected speedup |", "|---|---|---|---|---|---|---|---|",
+             f"| autoregressive | 1 | 0 | 1.000 | 1.000 | {self.ar_step_ms:.2f} | "
              f"{1e3 / self.ar_step_ms:.1f} | 1.00x |"]
     for r in self.rows:
       mark = " (chosen)" if r["chosen"] else ""
       replay = "-" if r.get("replay_tau") is None else f"{r['replay_tau']:.3f}"
-      lines.append(f"| {r['name']}{mark} | {r['size']} | {r['expected_tau']:.3f} | {replay} | "
+      lines.append(f"| {r['name']}{mark} | {r['size']} | {r['depth']} | "
+                   f"{r['expected_tau']:.3f} | {replay} | "
                    f"{r['step_ms']:.2f} | {r['expected_tokens_per_s']:.1f} | "
                    f"{r['expected_speedup']:.2f}x |")
     return "\n".join(lines)
-
-
-def _interleaved_medians(fns: Sequence[Callable[[], float]], repeats: int) -> List[float]:
-  # Round-robin so that load from other processes hits every candidate alike.
-  samples = [[] for _ in fns]
-  for _ in range(repeats):
-    for i, fn in enumerate(fns):
-      samples[i].append(fn())
-  return [statistics.median(s) for s in samples]
 
 
 def measure_step_times(model, heads_cfg: HeadsConfig, heads_params,
@@ -286,95 +278,73 @@ def measure_step_times(model, heads_cfg: HeadsConfig, heads_params,
                        repeats: int = 5) -> Tuple[float, List[float]]:
   """(AR step seconds, [speculative step seconds per tree]) on the current device.
 
-  Each timing runs `iters` steps in one jitted fori_loop (no per-step dispatch, like the
-  decode loops), rolling the cache length back after every step so that all steps see
-  prompt_len + max_new_tokens // 2 cached tokens; cache lengths are what `generate` would
-  plan for that prompt (a bigger tree may need a bigger cache bucket). Median of `repeats`.
+  `step_timing`: the engines' own loop steps, `iters` per jitted fori_loop, every step seeing
+  prompt_len + max_new_tokens // 2 cached tokens, in the cache bucket `generate` would plan.
+  Median of `repeats`, candidates interleaved.
   """
-  from hydra_jax.decoding import speculative as spec
-  from hydra_jax.decoding.api import plan_shapes
-  from hydra_jax.model.kv_cache import init_cache
-  from hydra_jax.model.masks import cache_causal_mask
-
-  cfg, dtype, base = model.config, jnp.dtype(model.dtype), model.params
+  from hydra_jax.decoding.api import get_engine, plan_shapes
+  cfg = model.config
   ctx = prompt_len + max_new_tokens // 2
-  tokens = (jnp.arange(batch * ctx, dtype=jnp.int32).reshape(batch, ctx) * 7919) % cfg.vocab_size
-  lens = jnp.full((batch,), ctx, jnp.int32)
-  big, no_stop = jnp.int32(2 ** 30), jnp.zeros((0,), jnp.int32)
-
-  def timer(fn, *args):
-    jax.block_until_ready(fn(*args))  # compile + warm-up
-
-    def once():
-      t0 = time.perf_counter()
-      jax.block_until_ready(fn(*args))
-      return (time.perf_counter() - t0) / iters
-    return once
-
-  # Autoregressive: one token with the cache, then argmax.
-  lm = LlamaModel(cfg, dtype=dtype)
-  _, s_ar = plan_shapes([prompt_len], max_new_tokens, cfg.max_position_embeddings)
-
-  @jax.jit
-  def ar_prefill(params, toks):
-    cache = init_cache(cfg, batch, s_ar, dtype)
-    positions = jnp.broadcast_to(jnp.arange(ctx, dtype=jnp.int32)[None], toks.shape)
-    _, _, cache = lm.apply({"params": params}, toks, positions, cache,
-                           cache_causal_mask(cache.lengths, ctx, s_ar))
-    return cache.with_lengths(lens), toks[:, -1]
-
-  @jax.jit
-  def ar_steps(params, carry):
-    def body(_, carry):
-      c, tok = carry
-      logits, _, c2 = lm.apply({"params": params}, tok[:, None], c.lengths[:, None], c,
-                               cache_causal_mask(c.lengths, 1, s_ar))
-      return c2.with_lengths(c.lengths), jnp.argmax(logits[:, 0], -1).astype(jnp.int32)
-    return jax.lax.fori_loop(0, iters, body, carry)[1]
-
-  fns = [timer(ar_steps, base, ar_prefill(base, tokens))]
-  for tree in trees:
-    models = spec.SpecModels(cfg, heads_cfg, tree, dtype)
-    _, s_tree = plan_shapes([prompt_len], max_new_tokens, cfg.max_position_embeddings,
-                            extra_slots=tree.num_nodes)
-    s_tree = max(s_tree, ctx + tree.num_nodes + 1)
-    state = jax.jit(lambda p, h, t, models=models, s=s_tree: spec.prefill(
-        models, p, h, t, lens, s, big, no_stop))(base, heads_params, tokens)
-
-    def spec_steps(params, hparams, state, models=models):
-      drafter = spec.heads_drafter(models, params, hparams)
-
-      def body(_, st):
-        new = spec.spec_step(models, params, hparams, drafter, st, big, no_stop)
-        return new.replace(
-            cache=new.cache.with_lengths(st.cache.lengths),
-            prefix_cache=None if new.prefix_cache is None else
-            new.prefix_cache.with_lengths(st.prefix_cache.lengths),
-            done_B=st.done_B, finish_B=st.finish_B, num_out_B=st.num_out_B, steps_B=st.steps_B)
-      return jax.lax.fori_loop(0, iters, body, state).root_B
-    fns.append(timer(jax.jit(spec_steps), base, heads_params, state))
-  times = _interleaved_medians(fns, repeats)
+  engines = [get_engine(model)] + [get_engine(model, heads_cfg, t) for t in trees]
+  fns = []
+  for engine in engines:
+    _, cache_len = plan_shapes([prompt_len], max_new_tokens, cfg.max_position_embeddings,
+                               extra_slots=engine.slots_per_step - 1)
+    cache_len = max(cache_len, ctx + engine.slots_per_step + 1)
+    fns.append(steady_state_timer(engine, model.params, heads_params if engine.speculative
+                                  else None, ctx, cache_len, batch, iters))
+  times = interleaved_medians(fns, repeats)
   return times[0], times[1:]
+
+
+def candidate_trees(acc: Any, sizes: Sequence[int], depths: Optional[Sequence[int]] = None,
+                    method: str = "independent", ranks: Optional[np.ndarray] = None
+                    ) -> List[CompiledTree]:
+  """One fitted tree per size (tokens per step, root included) and depth cap.
+
+  depths=None: no cap (names "fit_{size}"). Otherwise one tree per (size, max depth), named
+  "fit_{size}_d{depth}", skipping duplicates and sizes a cap cannot hold: on a CPU a shallow
+  tree can beat a deeper one of the same size, since every depth is one more round of heads.
+  """
+  if method not in ("independent", "replay"):
+    raise ValueError(f"method must be 'independent' or 'replay', got {method!r}")
+  if method == "replay" and ranks is None:
+    raise ValueError("method='replay' needs the calibrated ranks (Calibration.ranks)")
+  acc = np.asarray(acc, np.float64)
+  num_depths, topk = acc.shape
+  caps = [None] if depths is None else sorted({min(int(d), num_depths) for d in depths})
+  trees, seen = [], set()
+  for size in sizes:
+    for cap in caps:
+      d = num_depths if cap is None else cap
+      if size - 1 > sum(topk ** j for j in range(1, d + 1)):
+        continue
+      if method == "replay":
+        paths = fit_tree_replay(np.asarray(ranks)[:, :d], size - 1, topk)
+      else:
+        paths = fit_tree(acc[:d], size - 1)
+      tree = compile_tree(paths, name=f"fit_{size}" if cap is None else f"fit_{size}_d{cap}")
+      if tree.paths not in seen:
+        seen.add(tree.paths)
+        trees.append(tree)
+  return trees
 
 
 def fit_to_hardware(model, heads, acc: Any, sizes: Sequence[int] = DEFAULT_SIZES,
                     max_nodes: Optional[int] = None, references: Sequence[str] = (),
                     step_times: Optional[Mapping[Union[int, str], float]] = None,
                     ar_step_time: Optional[float] = None, ranks: Optional[np.ndarray] = None,
-                    method: str = "independent", **measure_kw) -> HardwareFit:
-  """Grows a tree per size (tokens per step, root included), times them, keeps the fastest.
+                    method: str = "independent", depths: Optional[Sequence[int]] = None,
+                    **measure_kw) -> HardwareFit:
+  """Grows a tree per size (and depth cap), times them, keeps the fastest (`candidate_trees`).
 
   Expected tokens/s = expected tau / step time, where tau is expected_accept_length(tree, acc)
   (method "independent", trees from `fit_tree`) or, with method "replay", the calibrated
   positions' replay_accept_length (trees from `fit_tree_replay`; needs `ranks`). With `ranks`
   every row also reports its replay tau. `references` (preset names or files) are timed and
-  tabled too but never chosen. `step_times` ({size or reference name: seconds}) and
-  `ar_step_time` replace the measurement (then model/heads may be None).
+  tabled too but never chosen. `step_times` ({tree name, or size for uncapped trees, or
+  reference name: seconds}) and `ar_step_time` replace the measurement (model/heads unused).
   """
-  if method not in ("independent", "replay"):
-    raise ValueError(f"method must be 'independent' or 'replay', got {method!r}")
-  if method == "replay" and ranks is None:
-    raise ValueError("method='replay' needs the calibrated ranks (Calibration.ranks)")
   acc = np.asarray(acc, np.float64)
   depth, topk = acc.shape
   capacity = sum(topk ** d for d in range(1, depth + 1)) + 1
@@ -383,10 +353,7 @@ def fit_to_hardware(model, heads, acc: Any, sizes: Sequence[int] = DEFAULT_SIZES
   if not sizes:
     raise ValueError(f"no candidate size left: sizes must be >= 2 (root + 1 node) and <= "
                      f"--max-nodes {max_nodes}")
-  if method == "replay":
-    trees = [compile_tree(fit_tree_replay(ranks, s - 1, topk), name=f"fit_{s}") for s in sizes]
-  else:
-    trees = [_fitted(acc, s) for s in sizes]
+  trees = candidate_trees(acc, sizes, depths, method, ranks)
   refs = []
   for name in references:
     ref = load_tree(name)
@@ -399,16 +366,17 @@ def fit_to_hardware(model, heads, acc: Any, sizes: Sequence[int] = DEFAULT_SIZES
   else:
     if ar_step_time is None:
       raise ValueError("injected step_times need ar_step_time too")
-    missing = [k for k in sizes + [r.name for r in refs] if k not in step_times]
+    key = lambda t: t.name if t.name in step_times else t.num_nodes
+    missing = [t.name for t in trees + refs if key(t) not in step_times]
     if missing:
       raise ValueError(f"step_times lacks {missing}")
-    times = [float(step_times[s]) for s in sizes] + [float(step_times[r.name]) for r in refs]
+    times = [float(step_times[key(t)]) for t in trees + refs]
   rows = []
   for i, tree in enumerate(trees + refs):
     replay = None if ranks is None else replay_accept_length(tree, ranks)
     tau = replay if method == "replay" else expected_accept_length(tree, acc)
-    rows.append(dict(name=tree.name, size=tree.num_nodes, reference=i >= len(trees),
-                     paths=tree.to_json(),
+    rows.append(dict(name=tree.name, size=tree.num_nodes, depth=tree.depth,
+                     reference=i >= len(trees), paths=tree.to_json(),
                      expected_tau=tau, replay_tau=replay, step_ms=times[i] * 1e3,
                      expected_tokens_per_s=tau / times[i],
                      expected_speedup=tau / times[i] * ar_step_time, chosen=False))
@@ -420,43 +388,6 @@ def fit_to_hardware(model, heads, acc: Any, sizes: Sequence[int] = DEFAULT_SIZES
 def _load_heads(model, heads) -> Tuple[HeadsConfig, Any]:
   from hydra_jax.decoding import api
   return api.load_draft_heads(model, heads)
-
-
-# ----------------------------------------------------------------------------------------
-# tree="auto"
-
-
-def resolve_tree(tree: Any, heads: Any, num_heads: Optional[int] = None) -> Any:
-  """`tree` unchanged unless it is "auto"; then HEADS_DIR/tree_auto.json or the fallback.
-
-  `heads` is what generate got: a directory, or a (HeadsConfig, params) pair (no stored tree:
-  falls back). The fallback mc_sim_7b_63 is cut to the heads' depth and logged as a warning.
-  """
-  if not (isinstance(tree, str) and tree == TREE_AUTO):
-    return tree
-  if isinstance(heads, (str, os.PathLike)):
-    path = os.path.join(os.path.expanduser(os.fspath(heads)), AUTO_TREE_FILE)
-    if os.path.isfile(path):
-      fitted = load_tree(path, num_heads=num_heads)
-      log.info("tree auto: %s from %s", fitted.describe(), path)
-      with open(path) as f:
-        meta = json.load(f)
-      device = meta.get("device") if isinstance(meta, dict) else None
-      here = f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}"
-      if device and device != here:
-        log.warning("tree auto: %s was fitted on %s but this device is %s; the best tree size "
-                    "depends on the device: refit it here with hydra_jax.decoding.tree_fit",
-                    path, device, here)
-      return fitted
-    where = f"{path} does not exist"
-  else:
-    where = "the heads were given as (config, params), not a directory"
-  fallback = load_tree(FALLBACK_TREE)
-  paths = [list(p) for p in fallback.paths if num_heads is None or len(p) <= num_heads]
-  log.warning("tree auto: %s, so using %s; fit one with `python -m hydra_jax.decoding.tree_fit "
-              "--model MODEL --heads HEADS_DIR --prompts PROMPTS.jsonl --out "
-              "HEADS_DIR/%s`", where, FALLBACK_TREE, AUTO_TREE_FILE)
-  return compile_tree(paths, num_heads=num_heads, name=FALLBACK_TREE)
 
 
 # ----------------------------------------------------------------------------------------
@@ -487,6 +418,9 @@ def main(argv=None) -> int:
   p.add_argument("--method", choices=("independent", "replay"), default="replay",
                  help="replay: the most frequent rank prefixes of the calibrated positions; "
                       "independent: grow_tree on acc[d, r] (expected tau under independence)")
+  p.add_argument("--depths", type=int, nargs="*", default=None,
+                 help="depth caps to try for every size (default: 1 .. number of heads; "
+                      "pass no value for uncapped trees only)")
   p.add_argument("--iters", type=int, default=8, help="steps per timing")
   p.add_argument("--repeats", type=int, default=7, help="timings per tree (median)")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
@@ -515,6 +449,8 @@ def main(argv=None) -> int:
   t0 = time.perf_counter()
   fit = fit_to_hardware(model, (heads_cfg, heads_params), cal.acc, args.sizes, args.max_nodes,
                         args.references, ranks=cal.ranks, method=args.method,
+                        depths=(range(1, heads_cfg.num_heads + 1) if args.depths is None
+                                else args.depths or None),
                         prompt_len=int(np.median(lengths)),
                         max_new_tokens=args.max_new_tokens, iters=args.iters,
                         repeats=args.repeats)

@@ -15,34 +15,49 @@ The inner ResBlocks of a head are either ONE module applied repeatedly (`shared_
 released checkpoints were trained: a Python list-multiplication quirk) or untied. For Medusa
 `shared_inner` shares all L blocks (there is no distinct first block).
 
+The first block's two matmuls read the same z0, so they are one: first/kernel [(k+2)D, 2, D]
+holds W (index 0, the SiLU branch) and W_res (index 1) side by side.
+
+LM heads (`lm_head`, `draft_vocab`): "own" gives every head its own [D, V'] LM head
+(initialised from the base's, the paper's recipe); "base" makes every head reuse the base
+model's frozen LM head (a head then only owns a bias, and the heads' parameters shrink by
+K * D * V). `draft_vocab` (token ids, most frequent first; EAGLE-3 / FR-Spec) restricts the
+heads' logits to those V' tokens: drafting reads V'/V of the LM-head bytes. Head logits are
+then indexed by draft position; `draft_ids` maps them back to token ids. Verification always
+uses the base model's full vocabulary, so decoding stays lossless whatever the heads propose.
+
 Param tree (kernels are [in, out]):
-  heads_{k}/first/{linear,res_connection}/{kernel [(k+2)D, D], bias [D]}   (Hydra, Hydra++)
+  heads_{k}/first/{kernel [(k+2)D, 2, D], bias [2, D]}   (Hydra, Hydra++)
   heads_{k}/inner/linear/{kernel [D, D], bias [D]}     shared inner block
   heads_{k}/inner_{j}/linear/{kernel, bias}            untied inner blocks (j = 0..)
-  heads_{k}/lm_head/{kernel [D, V], bias [V]}          (no bias for Medusa)
+  heads_{k}/lm_head/{kernel [D, V'], bias [V']}        lm_head "own" (no bias for Medusa)
+  heads_{k}/lm_head/bias [V']                          lm_head "base" (Hydra, Hydra++)
   prefix_layer/... (a llama DecoderLayer), prefix_norm/scale                (Hydra++)
 
-Legend: B batch, T tokens, S cache slots, D model width, V vocab, K heads; "x" = any leading dims.
+Legend: B batch, T tokens, S cache slots, D model width, V vocab, V' draft vocab, K heads;
+"x" = any leading dims.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, List, Mapping, Optional
+from typing import Any, List, Mapping, Optional, Tuple
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from hydra_jax.model.config import ModelConfig
 from hydra_jax.model.kv_cache import KVCache
-from hydra_jax.model.llama import DecoderLayer, RMSNorm
+from hydra_jax.model.llama import DecoderLayer, RMSNorm, rope_tables
 from hydra_jax.model.masks import causal_mask
 
 Dtype = Any
 ARCHS = ("medusa", "hydra", "hydra++")
+LM_HEADS = ("own", "base")
 
 
 class HeadsMismatchError(ValueError):
@@ -61,6 +76,8 @@ class HeadsConfig:
   shared_inner: bool = True  # inner blocks of a head are one module applied repeatedly
   dropout: float = 0.0  # Hydra++ recipe: 0.2; only active when deterministic=False
   base_fingerprint: str = ""  # ModelConfig.fingerprint() of the base the heads were made for
+  lm_head: str = "own"  # "own": an LM head per head; "base": reuse the base's frozen one
+  draft_vocab: Tuple[int, ...] = ()  # token ids the heads can propose; () = the full vocab
 
   def __post_init__(self):
     if self.arch not in ARCHS:
@@ -70,10 +87,30 @@ class HeadsConfig:
                        f"heads x {self.num_layers} layers")
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+    if self.lm_head not in LM_HEADS:
+      raise ValueError(f"unknown lm_head {self.lm_head!r}; choose one of {', '.join(LM_HEADS)}")
+    ids = tuple(int(i) for i in self.draft_vocab)
+    object.__setattr__(self, "draft_vocab", ids)  # lists from JSON -> a hashable tuple
+    if ids and (len(set(ids)) != len(ids) or min(ids) < 0 or max(ids) >= self.vocab_size):
+      raise ValueError(f"draft_vocab must hold distinct token ids in [0, {self.vocab_size}); "
+                       f"got {len(ids)} ids in [{min(ids)}, {max(ids)}] with "
+                       f"{len(ids) - len(set(ids))} repeats")
 
   @property
   def prefix_layer(self) -> bool:
     return self.arch == "hydra++"
+
+  @property
+  def draft_vocab_size(self) -> int:
+    """V': how many tokens the heads' logits range over."""
+    return len(self.draft_vocab) or self.vocab_size
+
+  @property
+  def draft_ids(self) -> np.ndarray:
+    """int32 [V']: token id of each draft-logit index (arange(V) without a draft vocab)."""
+    if self.draft_vocab:
+      return np.asarray(self.draft_vocab, np.int32)
+    return np.arange(self.vocab_size, dtype=np.int32)
 
   @property
   def sequential(self) -> bool:
@@ -169,7 +206,11 @@ class _ResBlock(nn.Module):
 
 
 class _FirstBlock(nn.Module):
-  """Hydra's first block: z1 = W_res z0 + b_res + SiLU(W z0 + b), (k+2)D -> D."""
+  """Hydra's first block: z1 = W_res z0 + b_res + SiLU(W z0 + b), (k+2)D -> D, one matmul.
+
+  kernel [(k+2)D, 2, D]: [:, 0] = W (zero-initialised), [:, 1] = W_res (torch's default
+  Linear init); bias [2, D] likewise.
+  """
   in_features: int
   hidden_size: int
   dtype: Dtype = jnp.float32
@@ -177,13 +218,19 @@ class _FirstBlock(nn.Module):
 
   @nn.compact
   def __call__(self, z0):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    axes = ("head_in", "mlp")
-    fused = _Dense(self.hidden_size, self.in_features, axes, name="linear", **kw)(z0)
-    res = _Dense(self.hidden_size, self.in_features, axes, name="res_connection",
-                 kernel_init=_torch_linear_init(self.in_features),
-                 bias_init=_torch_linear_init(self.in_features), **kw)(z0)
-    return res + nn.silu(fused)
+    torch_init = _torch_linear_init(self.in_features)
+
+    def init(key, shape, dtype=jnp.float32):  # shape [..., 2, D]: W zero, W_res torch-like
+      res = torch_init(key, shape[:-2] + shape[-1:], dtype)
+      return jnp.stack([jnp.zeros_like(res), res], axis=-2)
+
+    w = self.param("kernel", nn.with_logical_partitioning(init, ("head_in", "fused", "mlp")),
+                   (self.in_features, 2, self.hidden_size), self.param_dtype)
+    b = self.param("bias", nn.with_logical_partitioning(init, ("fused", "mlp")),
+                   (2, self.hidden_size), self.param_dtype)
+    y = jnp.einsum("...I,IJD->...JD", z0.astype(self.dtype), w.astype(self.dtype))
+    y = y + b.astype(self.dtype).reshape((1,) * (y.ndim - 2) + b.shape)
+    return y[..., 1, :] + nn.silu(y[..., 0, :])
 
 
 class _Head(nn.Module):
@@ -205,8 +252,12 @@ class _Head(nn.Module):
         self.inner = _ResBlock(d, **kw)
       else:
         self.inner = [_ResBlock(d, **kw) for _ in range(num_inner)]
-    self.lm_head = _Dense(c.vocab_size, d, ("embed", "vocab"), use_bias=c.arch != "medusa",
-                          kernel_init=nn.initializers.normal(0.02), **kw)
+    if c.lm_head == "own":
+      self.lm_head = _Dense(c.draft_vocab_size, d, ("embed", "vocab"), use_bias=c.arch != "medusa",
+                            kernel_init=nn.initializers.normal(0.02), **kw)
+    elif c.arch != "medusa":
+      self.lm_bias = self.param("lm_bias", nn.with_logical_partitioning(
+          nn.initializers.zeros, ("vocab",)), (c.draft_vocab_size,), self.param_dtype)
     self.drop = nn.Dropout(c.dropout)
     self._num_inner = num_inner
 
@@ -227,8 +278,17 @@ class _Head(nn.Module):
       x = block(drop(x))
     return drop(x)  # the dropout before the LM head belongs to the features
 
-  def logits(self, feats_xD):
-    return self.lm_head(feats_xD).astype(jnp.float32)
+  def logits(self, feats_xD, base_lm_DxVd=None):
+    """f32 [..., V'] logits; lm_head "base" needs base_lm_DxVd (`shared_lm_kernel`)."""
+    if self.cfg.lm_head == "own":
+      return self.lm_head(feats_xD).astype(jnp.float32)
+    if base_lm_DxVd is None:
+      raise ValueError("heads with lm_head='base' need the base model's LM head: pass "
+                       "base_lm=shared_lm_kernel(heads_cfg, base_cfg, base_params)")
+    y = feats_xD.astype(self.dtype) @ base_lm_DxVd.astype(self.dtype)
+    if self.cfg.arch != "medusa":
+      y = y + _bcast(self.lm_bias.astype(self.dtype), y.ndim)
+    return y.astype(jnp.float32)
 
 
 class DraftHeads(nn.Module):
@@ -265,7 +325,8 @@ class DraftHeads(nn.Module):
         raise ValueError("the prefix layer with a KV cache needs an explicit attention mask")
       mask_BxTxS = causal_mask(b, t)
     kv = None if cache is None else (cache.k[0], cache.v[0])
-    x, new_kv = self.prefix_layer(hidden_BxTxD.astype(self.dtype), positions_BxT, mask_BxTxS, kv,
+    rope = rope_tables(self.base, positions_BxT, self.dtype)
+    x, new_kv = self.prefix_layer(hidden_BxTxD.astype(self.dtype), rope, mask_BxTxS, kv,
                                   None if cache is None else cache.lengths)
     new_cache = None if cache is None else cache.replace(k=(new_kv[0],), v=(new_kv[1],))
     return self.prefix_norm(x), new_cache
@@ -274,12 +335,13 @@ class DraftHeads(nn.Module):
     """Head k's features before its LM head; path_embeds[..., j, :] = E(x_{t+1+j}), j = 0..k."""
     return self.heads[k].features(g_xD, path_embeds_xKp1xD, deterministic)
 
-  def lm_logits(self, k: int, feats_xD):
-    """Head k's LM head, f32 [..., V]."""
-    return self.heads[k].logits(feats_xD)
+  def lm_logits(self, k: int, feats_xD, base_lm=None):
+    """Head k's LM head, f32 [..., V'] (base_lm: see `shared_lm_kernel`)."""
+    return self.heads[k].logits(feats_xD, base_lm)
 
-  def head_logits(self, k: int, g_xD, path_embeds_xKp1xD=None, deterministic: bool = True):
-    return self.lm_logits(k, self.features(k, g_xD, path_embeds_xKp1xD, deterministic))
+  def head_logits(self, k: int, g_xD, path_embeds_xKp1xD=None, deterministic: bool = True,
+                  base_lm=None):
+    return self.lm_logits(k, self.features(k, g_xD, path_embeds_xKp1xD, deterministic), base_lm)
 
   def training_features(self, hidden_BxTxD, token_embeds_BxTxD, positions_BxT,
                         deterministic: bool = True) -> List[jax.Array]:
@@ -303,10 +365,11 @@ class DraftHeads(nn.Module):
       out.append(self.features(k, g, path, deterministic))
     return out
 
-  def __call__(self, hidden_BxTxD, token_embeds_BxTxD, positions_BxT, deterministic: bool = True):
-    """Every head's logits under teacher forcing: list of K f32 [B, T, V]."""
+  def __call__(self, hidden_BxTxD, token_embeds_BxTxD, positions_BxT, deterministic: bool = True,
+               base_lm=None):
+    """Every head's logits under teacher forcing: list of K f32 [B, T, V']."""
     feats = self.training_features(hidden_BxTxD, token_embeds_BxTxD, positions_BxT, deterministic)
-    return [self.lm_logits(k, f) for k, f in enumerate(feats)]
+    return [self.lm_logits(k, f, base_lm) for k, f in enumerate(feats)]
 
 
 def base_lm_head_kernel(base_cfg: ModelConfig, base_params) -> jax.Array:
@@ -317,26 +380,43 @@ def base_lm_head_kernel(base_cfg: ModelConfig, base_params) -> jax.Array:
   return jnp.asarray(base_params["lm_head"]["kernel"])
 
 
+def shared_lm_kernel(cfg: HeadsConfig, base_cfg: ModelConfig, base_params) -> Optional[jax.Array]:
+  """[D, V'] for heads with lm_head "base": the base LM head's draft-vocab columns; else None.
+
+  Build it once per call, outside any loop: the heads read it every draft depth.
+  """
+  if cfg.lm_head != "base":
+    return None
+  kernel = base_lm_head_kernel(base_cfg, base_params)
+  return jnp.take(kernel, jnp.asarray(cfg.draft_ids), axis=1) if cfg.draft_vocab else kernel
+
+
 def init_heads(cfg: HeadsConfig, base_cfg: ModelConfig, base_params, rng: jax.Array,
                param_dtype=jnp.float32, boxed: bool = False):
-  """Random heads as the reference initialises them, every LM head a copy of the base's.
+  """Random heads as the reference initialises them, every own LM head a copy of the base's.
 
   ResBlock W (and b) zero, W_res torch-default uniform, prefix layer N(0, 0.02), norms 1,
-  LM-head bias 0. `boxed=True` keeps the logical-axis metadata for sharded training.
+  LM-head bias 0; own LM heads start as the base LM head's draft-vocab columns.
+  `boxed=True` keeps the logical-axis metadata for sharded training.
   """
   cfg.check_compatible(base_cfg)
   model = DraftHeads(cfg, base_cfg, param_dtype=param_dtype)
   d = base_cfg.hidden_size
   dummy = jnp.zeros((1, 1, d), jnp.float32)
   positions = jnp.zeros((1, 1), jnp.int32)
-  params = jax.jit(lambda r: model.init(r, dummy, dummy, positions)["params"])(rng)
+  base_lm = shared_lm_kernel(cfg, base_cfg, base_params)
+  params = jax.jit(lambda r, lm: model.init(r, dummy, dummy, positions, base_lm=lm)["params"])(
+      rng, base_lm)
   params = flax.core.unfreeze(params)
-  lm = base_lm_head_kernel(base_cfg, base_params).astype(param_dtype)
-  for k in range(cfg.num_heads):
-    head = params[f"heads_{k}"]["lm_head"]
-    kernel = head["kernel"]
-    head["kernel"] = (kernel.replace_boxed(lm) if isinstance(kernel, nn.meta.AxisMetadata)
-                      else lm)
+  if cfg.lm_head == "own":
+    lm = base_lm_head_kernel(base_cfg, base_params)
+    lm = jnp.take(lm, jnp.asarray(cfg.draft_ids), axis=1) if cfg.draft_vocab else lm
+    lm = lm.astype(param_dtype)
+    for k in range(cfg.num_heads):
+      head = params[f"heads_{k}"]["lm_head"]
+      kernel = head["kernel"]
+      head["kernel"] = (kernel.replace_boxed(lm) if isinstance(kernel, nn.meta.AxisMetadata)
+                        else lm)
   return params if boxed else nn.meta.unbox(params)
 
 
@@ -344,16 +424,14 @@ def count_params(params) -> int:
   return sum(int(x.size) for x in jax.tree_util.tree_leaves(nn.meta.unbox(params)))
 
 
-def path_embeddings(embedding_VxD, path_tokens_xJ) -> jax.Array:
-  """E(tokens) for a path of token ids [..., J] -> [..., J, D] (the base's frozen table)."""
-  return jnp.take(embedding_VxD, path_tokens_xJ, axis=0)
-
-
 def param_shapes(cfg: HeadsConfig, base_cfg: ModelConfig, param_dtype=jnp.float32):
   """The heads' param tree as ShapeDtypeStructs, without allocating (checkpoint checks, sharding)."""
   model = DraftHeads(cfg, base_cfg, param_dtype=param_dtype)
   dummy = jnp.zeros((1, 1, cfg.hidden_size), jnp.float32)
   positions = jnp.zeros((1, 1), jnp.int32)
+  base_lm = (jax.ShapeDtypeStruct((cfg.hidden_size, cfg.draft_vocab_size), jnp.float32)
+             if cfg.lm_head == "base" else None)
   shapes = jax.eval_shape(
-      lambda: model.init(jax.random.PRNGKey(0), dummy, dummy, positions)["params"])
+      lambda lm: model.init(jax.random.PRNGKey(0), dummy, dummy, positions, base_lm=lm)["params"],
+      base_lm)
   return nn.meta.unbox(shapes)

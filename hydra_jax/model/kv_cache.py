@@ -4,7 +4,15 @@ Shapes are fixed when the cache is created, so every jitted loop that carries it
 shapes; only `lengths` (int32 [B]) changes. Slots at or beyond a row's length hold garbage
 that the attention mask hides and the next write overwrites.
 
-Legend: L layers, B batch, S cache slots, K kv heads, H head dim, T new tokens, M gathered.
+Layout: per layer [X, S, H] with X = B * K, one row per (batch row, kv head), batch-major
+(the row-major merge of [B, K, S, H], so it is free to view either way). Attention batches
+its two products over exactly these rows, so it reads the cache as it lies: with [B, K, ...]
+XLA:CPU merges B and K in a reshape between the cache update and the read, and that fused
+reshape made it copy every layer's whole cache each decode step. Kv heads come before slots
+for the same reason (no transposed copy of the values per step).
+
+Legend: L layers, B batch, K kv heads, X = B * K rows, S cache slots, H head dim, T new tokens,
+M gathered.
 """
 
 from __future__ import annotations
@@ -20,13 +28,17 @@ from hydra_jax.model.config import ModelConfig
 
 @flax.struct.dataclass
 class KVCache:
-  k: Tuple[jax.Array, ...]  # per layer [B, S, K, H]
-  v: Tuple[jax.Array, ...]  # per layer [B, S, K, H]
+  k: Tuple[jax.Array, ...]  # per layer [B * K, S, H]
+  v: Tuple[jax.Array, ...]  # per layer [B * K, S, H]
   lengths: jax.Array  # [B] int32: committed entries per row
 
   @property
   def batch_size(self) -> int:
-    return self.k[0].shape[0]
+    return self.lengths.shape[0]
+
+  @property
+  def num_kv_heads(self) -> int:
+    return self.k[0].shape[0] // self.batch_size
 
   @property
   def max_len(self) -> int:
@@ -53,10 +65,10 @@ class KVCache:
     the cache slots of the accepted tree path, which are all >= lengths[b] + i, so reading
     everything before writing anything is hazard-free.
     """
-    src_slots = jnp.asarray(src_slots, jnp.int32)
+    src = jnp.repeat(jnp.asarray(src_slots, jnp.int32), self.num_kv_heads, axis=0)  # [X, M]
 
     def move(layer):
-      picked = jnp.take_along_axis(layer, src_slots[:, :, None, None], axis=1)  # [B, M, K, H]
+      picked = jnp.take_along_axis(layer, src[:, :, None], axis=1)  # [X, M, H]
       return write_rows(layer, picked, self.lengths)
 
     return KVCache(k=tuple(move(x) for x in self.k), v=tuple(move(x) for x in self.v),
@@ -67,20 +79,24 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=jnp.float3
                num_layers: int | None = None) -> KVCache:
   """An empty cache of `max_len` slots per row. `num_layers` overrides cfg (prefix layer)."""
   layers = cfg.num_layers if num_layers is None else num_layers
-  shape = (batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
+  shape = (batch_size * cfg.num_kv_heads, max_len, cfg.head_dim)
   zeros = lambda: jnp.zeros(shape, dtype)
   return KVCache(k=tuple(zeros() for _ in range(layers)), v=tuple(zeros() for _ in range(layers)),
                  lengths=jnp.zeros((batch_size,), jnp.int32))
 
 
-def write_rows(layer_BxSxKxH: jax.Array, new_BxTxKxH: jax.Array, offsets_B: jax.Array) -> jax.Array:
-  """Writes T new entries per row at slots offsets[b] .. offsets[b] + T - 1.
+def write_rows(layer_XxSxH: jax.Array, new_XxTxH: jax.Array, offsets_B: jax.Array) -> jax.Array:
+  """Writes T new entries per batch row at slots offsets[b] .. offsets[b] + T - 1.
 
-  The caller guarantees offsets[b] + T <= S (XLA would silently clamp the start otherwise).
+  One dynamic_update_slice per batch row (B is static), each in place in a decode loop. The
+  caller guarantees offsets[b] + T <= S (XLA would silently clamp the start otherwise).
   """
-  new = new_BxTxKxH.astype(layer_BxSxKxH.dtype)
-
-  def one_row(row_SxKxH, upd_TxKxH, off):
-    return jax.lax.dynamic_update_slice(row_SxKxH, upd_TxKxH, (off, 0, 0))
-
-  return jax.vmap(one_row)(layer_BxSxKxH, new, offsets_B.astype(jnp.int32))
+  new = new_XxTxH.astype(layer_XxSxH.dtype)
+  b = offsets_B.shape[0]
+  k = layer_XxSxH.shape[0] // b
+  offsets = offsets_B.astype(jnp.int32)
+  zero = jnp.zeros((), jnp.int32)
+  for r in range(b):
+    layer_XxSxH = jax.lax.dynamic_update_slice(layer_XxSxH, new[r * k:(r + 1) * k],
+                                               (jnp.int32(r * k), offsets[r], zero))
+  return layer_XxSxH

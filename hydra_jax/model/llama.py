@@ -6,7 +6,10 @@ passes token ids, their positions, optionally the KV cache, and the attention ma
 by rules; `nn.unbox` gives the plain pytree that loading and decoding use.
 
 Einsum legend: B batch, T query tokens, S key slots, D model width, N query heads,
-K kv heads, G query heads per kv head (N = K * G), H head dim, F mlp width, V vocab.
+K kv heads, G query heads per kv head (N = K * G), X = B * K cache rows, Q = G * T query
+rows of a kv head,
+J fused projections (G + 2 for q/k/v, 2 for
+gate/up), H head dim, F mlp width, V vocab.
 """
 
 from __future__ import annotations
@@ -46,14 +49,24 @@ def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
   return jnp.where(medium, smoothed, scaled)
 
 
-def apply_rope(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, inv_freq: jax.Array) -> jax.Array:
-  """Rotate-half RoPE, as Hugging Face does it (so HF q/k weights need no permutation)."""
-  angles = positions_BxT.astype(jnp.float32)[..., None] * inv_freq[None, None, :]  # [B, T, H/2]
-  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
-  cos, sin = jnp.cos(angles).astype(x_BxTxNxH.dtype), jnp.sin(angles).astype(x_BxTxNxH.dtype)
-  x1, x2 = jnp.split(x_BxTxNxH, 2, axis=-1)
+def rope_tables(cfg: ModelConfig, positions_BxT: jax.Array, dtype) -> Tuple[jax.Array, jax.Array]:
+  """(cos, sin) [B, T, H] for rotate-half RoPE: computed once per forward, shared by the layers."""
+  angles = positions_BxT.astype(jnp.float32)[..., None] * rope_inv_freq(cfg)[None, None, :]
+  angles = jnp.concatenate([angles, angles], axis=-1)
+  return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def apply_rope(x_BxTxhxH: jax.Array, rope: Tuple[jax.Array, jax.Array]) -> jax.Array:
+  """Rotate-half RoPE, as Hugging Face does it (so HF q/k weights need no permutation).
+
+  x is [B, T, ..., H] (any head axes between T and H); rope = rope_tables(...).
+  """
+  cos, sin = rope
+  shape = cos.shape[:2] + (1,) * (x_BxTxhxH.ndim - 3) + cos.shape[-1:]
+  cos, sin = cos.reshape(shape), sin.reshape(shape)
+  x1, x2 = jnp.split(x_BxTxhxH, 2, axis=-1)
   rotated = jnp.concatenate([-x2, x1], axis=-1)
-  return x_BxTxNxH * cos + rotated * sin
+  return x_BxTxhxH * cos + rotated * sin
 
 
 class RMSNorm(nn.Module):
@@ -77,25 +90,32 @@ def _param(module: nn.Module, name: str, shape, axes, dtype, init=None):
 
 
 class Attention(nn.Module):
+  """GQA attention over the new tokens and (optionally) a KV cache [B * K, S, H].
+
+  q, k and v come from ONE matmul (qkv_proj [D, K, G + 2, H]: per kv head, its G query heads,
+  its key and its value).
+  """
   cfg: ModelConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, kv: Optional[Tuple[jax.Array, jax.Array]],
+  def __call__(self, x_BxTxD, rope, mask_BxTxS, kv: Optional[Tuple[jax.Array, jax.Array]],
                offsets_B: Optional[jax.Array]):
     cfg, dt = self.cfg, self.dtype
     d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    g = n // k
+    qkv = _QKV(cfg=cfg, dtype=dt, param_dtype=self.param_dtype, name="qkv_proj")(x_BxTxD)
+    b, t = x_BxTxD.shape[:2]
 
-    q = _Proj(heads=n, axes="heads", cfg=cfg, dtype=dt, param_dtype=self.param_dtype,
-              name="q_proj")(x_BxTxD)
-    key = _Proj(heads=k, axes="kv_heads", cfg=cfg, dtype=dt, param_dtype=self.param_dtype,
-                name="k_proj")(x_BxTxD)
-    val = _Proj(heads=k, axes="kv_heads", cfg=cfg, dtype=dt, param_dtype=self.param_dtype,
-                name="v_proj")(x_BxTxD)
-    inv_freq = rope_inv_freq(cfg)
-    q = apply_rope(q, positions_BxT, inv_freq)
-    key = apply_rope(key, positions_BxT, inv_freq)
+    def rows(x_BxTxKxJxH):  # [B, T, K, J, H] -> [B * K, J * T, H]: the cache's row layout
+      j = x_BxTxKxJxH.shape[3]
+      return jnp.transpose(x_BxTxKxJxH, (0, 2, 3, 1, 4)).reshape(b * k, j * t, h)
+
+    # Scale q once here instead of the [.., T, S] scores. Query rows Q = (G, T) of a kv head.
+    q = rows(apply_rope(qkv[:, :, :, :g], rope) * jnp.asarray(1.0 / math.sqrt(h), dt))
+    key = rows(apply_rope(qkv[:, :, :, g:g + 1], rope))  # [X, T, H]
+    val = rows(qkv[:, :, :, g + 1:])
 
     if kv is None:
       keys, values, new_kv = key, val, None
@@ -105,31 +125,34 @@ class Attention(nn.Module):
       new_kv = (keys, values)
       keys, values = keys.astype(dt), values.astype(dt)
 
-    b, t = q.shape[:2]
-    q = q.reshape(b, t, k, n // k, h)
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, keys).astype(jnp.float32) / math.sqrt(h)
-    scores = jnp.where(mask_BxTxS[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    # Plain batched matmuls over the X = B * K rows, reading the cache as it lies (see
+    # kv_cache): keeping B, K, G and T apart in an einsum lets XLA:CPU transpose or copy the
+    # whole cache every step.
+    scores = jnp.einsum("XQH,XSH->XQS", q, keys).astype(jnp.float32)
+    s = scores.shape[-1]
+    mask = jnp.broadcast_to(mask_BxTxS[:, None, None], (b, k, g, t, s)).reshape(b * k, g * t, s)
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)  # softmax in f32
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, values).reshape(b, t, n, h)
+    out = jnp.einsum("XQS,XSH->XQH", probs, values)
+    out = jnp.transpose(out.reshape(b, k, g, t, h), (0, 3, 1, 2, 4)).reshape(b, t, n * h)
     return _OutProj(cfg=cfg, dtype=dt, param_dtype=self.param_dtype, name="o_proj")(out), new_kv
 
 
-class _Proj(nn.Module):
-  """q, k or v projection: kernel [D, heads, H] (+ bias [heads, H] when the model has one)."""
-  heads: int
-  axes: str
+class _QKV(nn.Module):
+  """The fused q/k/v projection: kernel [D, K, G + 2, H] (+ bias [K, G + 2, H])."""
   cfg: ModelConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x_BxTxD):
-    d, h = self.cfg.hidden_size, self.cfg.head_dim
-    w = _param(self, "kernel", (d, self.heads, h), ("embed", self.axes, "head_dim"),
+    c = self.cfg
+    shape = (c.num_kv_heads, c.num_heads // c.num_kv_heads + 2, c.head_dim)
+    w = _param(self, "kernel", (c.hidden_size,) + shape, ("embed", "kv_heads", "qkv", "head_dim"),
                self.param_dtype)
-    y = jnp.einsum("BTD,DNH->BTNH", x_BxTxD, w.astype(self.dtype))
-    if self.cfg.attention_bias:
-      bias = _param(self, "bias", (self.heads, h), (self.axes, "head_dim"), self.param_dtype,
+    y = jnp.einsum("BTD,DKJH->BTKJH", x_BxTxD, w.astype(self.dtype))
+    if c.attention_bias:
+      bias = _param(self, "bias", shape, ("kv_heads", "qkv", "head_dim"), self.param_dtype,
                     nn.initializers.zeros)
       y = y + bias.astype(self.dtype)[None, None]
     return y
@@ -141,15 +164,16 @@ class _OutProj(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BxTxNxH):
+  def __call__(self, x_BxTxNH):
     c = self.cfg
     w = _param(self, "kernel", (c.num_heads, c.head_dim, c.hidden_size),
                ("heads", "head_dim", "embed"), self.param_dtype)
-    return jnp.einsum("BTNH,NHD->BTD", x_BxTxNxH, w.astype(self.dtype))
+    # [N, H, D] -> [N * H, D] is free (row-major); one plain matmul.
+    return x_BxTxNH @ w.reshape(-1, c.hidden_size).astype(self.dtype)
 
 
 class MLP(nn.Module):
-  """SwiGLU: down(silu(gate(x)) * up(x))."""
+  """SwiGLU: down(silu(gate(x)) * up(x)), gate and up as one matmul (gate_up_proj [D, 2, F])."""
   cfg: ModelConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -161,9 +185,10 @@ class MLP(nn.Module):
     def kernel(name, shape, axes):
       return _Kernel(shape=shape, axes=axes, param_dtype=self.param_dtype, name=name)()
 
-    gate = x_BxTxD @ kernel("gate_proj", (d, f), ("embed", "mlp")).astype(dt)
-    up = x_BxTxD @ kernel("up_proj", (d, f), ("embed", "mlp")).astype(dt)
-    return (nn.silu(gate) * up) @ kernel("down_proj", (f, d), ("mlp", "embed")).astype(dt)
+    gate_up = jnp.einsum("BTD,DJF->BTJF", x_BxTxD,
+                         kernel("gate_up_proj", (d, 2, f), ("embed", "gate_up", "mlp")).astype(dt))
+    hidden = nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]
+    return hidden @ kernel("down_proj", (f, d), ("mlp", "embed")).astype(dt)
 
 
 class _Kernel(nn.Module):
@@ -177,18 +202,20 @@ class _Kernel(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-  """Pre-norm attention + SwiGLU block. Also the Hydra++ prefix layer."""
+  """Pre-norm attention + SwiGLU block. Also the Hydra++ prefix layer.
+
+  `rope` is rope_tables(cfg, positions, dtype) of the T new tokens.
+  """
   cfg: ModelConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, kv=None, offsets_B=None):
+  def __call__(self, x_BxTxD, rope, mask_BxTxS, kv=None, offsets_B=None):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     eps = self.cfg.rms_norm_eps
     h = RMSNorm(eps, name="input_layernorm", **kw)(x_BxTxD)
-    attn, new_kv = Attention(self.cfg, name="self_attn", **kw)(
-        h, positions_BxT, mask_BxTxS, kv, offsets_B)
+    attn, new_kv = Attention(self.cfg, name="self_attn", **kw)(h, rope, mask_BxTxS, kv, offsets_B)
     x = x_BxTxD + attn
     h = RMSNorm(eps, name="post_attention_layernorm", **kw)(x)
     return x + MLP(self.cfg, name="mlp", **kw)(h), new_kv
@@ -237,11 +264,11 @@ class LlamaModel(nn.Module):
         raise ValueError("a forward with a KV cache needs an explicit attention mask")
       mask_BxTxS = causal_mask(b, t)
     x = self.embed(tokens_BxT)
+    rope = rope_tables(self.cfg, positions_BxT, self.dtype)
     new_k, new_v = [], []
     for i, layer in enumerate(self.layers):
       kv = None if cache is None else (cache.k[i], cache.v[i])
-      x, layer_kv = layer(x, positions_BxT, mask_BxTxS, kv,
-                          None if cache is None else cache.lengths)
+      x, layer_kv = layer(x, rope, mask_BxTxS, kv, None if cache is None else cache.lengths)
       if layer_kv is not None:
         new_k.append(layer_kv[0])
         new_v.append(layer_kv[1])

@@ -1,8 +1,10 @@
 """The training config: every field, its default and what it means; recipe builders.
 
-`base_config()` is the one place a field is declared (with a comment). The files in
-configs/ start from it and override what their recipe changes, so
+`base_config()` is the one place a field is declared (with a comment) and given its default.
+The files in configs/ start from it and override what their recipe changes, so
 `python train.py --config configs/NAME.py --config.optimizer.lr=1e-3` can override any field.
+Library code that accepts a partial section (a dict with a few optimizer fields, say) fills
+the rest from here with `section(name, given)`, so a default is never declared twice.
 
 `BASE_MODELS` holds the architectures of the big presets' base models written out by hand
 (from their published config.json), so tests and scripts can check shapes and parameter
@@ -11,14 +13,16 @@ counts with `jax.eval_shape` without having the weights.
 
 from __future__ import annotations
 
+import difflib
 import os
+from typing import Any, Dict, List, Mapping, Optional
 
 import ml_collections
 
 from hydra_jax.model.config import ModelConfig
+from hydra_jax.training.errors import ConfigError
 
 REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-SHARED_DATA = os.path.abspath(os.path.join(REPO_ROOT, "..", "shared", "data"))
 
 # Published architectures (config.json of each checkpoint). Vicuna v1.3 is Llama-1 based.
 BASE_MODELS = {
@@ -71,15 +75,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.heads.init_from = ""  # optional dir of heads (save_heads format) to start from instead of random
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "text"  # "sharegpt" (JSON/JSONL conversations) | "text" (plain file) | "tfds"
-  c.data.path = ""  # file for "sharegpt" / "text"
-  c.data.template = "chat_template"  # "chat_template" (the tokenizer's) | "vicuna_v1.1" | ...
+  c.data.source = "sharegpt"  # "sharegpt" (JSON / JSONL conversations) | "text" | "tfds"
+  c.data.path = ""  # "sharegpt" / "text": a file, a glob, or a comma-separated list of them
+  c.data.template = "chat_template"  # "chat_template" (the tokenizer's) | "vicuna_v1.1" | "plain"
   c.data.tfds_name = ""  # TFDS dataset name, e.g. "tiny_shakespeare" (source "tfds")
   c.data.tfds_data_dir = ""  # local TFDS data_dir (nothing is downloaded)
   c.data.tfds_split = "train"  # TFDS split to read; the held-out part is cut from it
   c.data.tfds_text_key = "text"  # feature holding the text
   c.data.eval_fraction = 0.05  # held-out share of the records (the 95/5 split)
-  c.data.max_records = 0  # read at most this many records (0 = all)
+  c.data.max_records = 0  # 0 = all; else the first N records / TFDS documents / text windows
   c.data.system_prompt = ""  # system prompt for chat templates ("" = the template's default)
 
   c.seq_len = 2048  # tokens per training row; must be <= the base's max_position_embeddings
@@ -161,3 +165,66 @@ def recipe(arch: str, base_name: str) -> ml_collections.ConfigDict:
   c.checkpoint_every = 500
   c.eval_every = 1000
   return c
+
+
+# --- reading sections and field names --------------------------------------------------------
+
+
+def _plain(cfg: Any) -> Dict[str, Any]:
+  if cfg is None:
+    return {}
+  if hasattr(cfg, "to_dict"):
+    return cfg.to_dict()
+  if isinstance(cfg, Mapping):
+    return dict(cfg)
+  raise TypeError(f"expected a ConfigDict or a dict, got {type(cfg).__name__}")
+
+
+def section(name: str, given: Any = None) -> Dict[str, Any]:
+  """Section `name` of base_config() as a dict, with the fields of `given` (partial) over it.
+
+  A field the base config does not declare is an error that suggests the close names, so a
+  typo never silently falls back to a default.
+  """
+  defaults = base_config()[name].to_dict()
+  given = _plain(given)
+  unknown = sorted(set(given) - set(defaults))
+  if unknown:
+    raise ConfigError(f"unknown {name} field{'s' if len(unknown) > 1 else ''} "
+                   f"{', '.join(repr(u) for u in unknown)}"
+                   f"{suggestion(unknown[0], list(defaults))}; the {name} fields are "
+                   f"{', '.join(sorted(defaults))} (hydra_jax/training/config_base.py)")
+  defaults.update(given)
+  return defaults
+
+
+def field_paths(cfg: Optional[ml_collections.ConfigDict] = None, prefix: str = "") -> List[str]:
+  """Dotted names of every leaf field ("optimizer.lr", ...) of `cfg` (default: base_config())."""
+  cfg = base_config() if cfg is None else cfg
+  out: List[str] = []
+  for key, value in cfg.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      out.extend(field_paths(value, f"{prefix}{key}."))
+    else:
+      out.append(prefix + key)
+  return out
+
+
+def suggestion(name: str, known: List[str]) -> str:
+  """' (did you mean a or b?)' for the known dotted names close to `name`, else ''.
+
+  Matched part by part (section, then field), so "optimizer.lrr" suggests optimizer.lr
+  rather than every field that shares the "optimizer." prefix.
+  """
+  parts = name.split(".")
+  prefixes = [""]
+  for i, part in enumerate(parts):
+    options = sorted({k.split(".")[i] for k in known for p in prefixes
+                      if k.startswith(p) and len(k.split(".")) > i})
+    matched = [part] if part in options else difflib.get_close_matches(part, options, n=3,
+                                                                       cutoff=0.6)
+    prefixes = [p + m + ("." if i < len(parts) - 1 else "") for p in prefixes for m in matched]
+    if not prefixes:
+      return ""
+  close = [p for p in prefixes if p in known and p != name][:3]
+  return f" (did you mean {' or '.join(close)}?)" if close else ""

@@ -32,7 +32,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 import ml_collections
 import numpy as np
 
-from hydra_jax.training import templates
+from hydra_jax.training import config_base, templates
+from hydra_jax.training.errors import DataError, DataFileNotFoundError, MissingDependencyError
 
 log = logging.getLogger(__name__)
 
@@ -42,34 +43,32 @@ _TEXT_CHUNK_CHARS = 1 << 22  # tokenize big files in newline-aligned chunks of ~
 
 
 def default_data_config() -> ml_collections.ConfigDict:
-  """The data section of a training config, with every field's default."""
-  c = ml_collections.ConfigDict()
-  c.source = "sharegpt"         # "sharegpt" | "text" | "tfds"
-  c.path = ""                   # sharegpt/text: file, glob, or comma-separated list of them
-  c.template = "chat_template"  # sharegpt: "chat_template" (tokenizer's) | "vicuna_v1.1" | "plain"
-  c.system_prompt = ""          # sharegpt: for records without one ("" = the template's default)
-  c.tfds_name = ""              # tfds: dataset name, optionally "name/config:version"
-  c.tfds_data_dir = ""          # tfds: local data_dir holding the prepared dataset
-  c.tfds_split = "train"        # tfds: split to read (the held-out split is carved from it)
-  c.tfds_text_key = "text"      # tfds: feature holding the text
-  c.eval_fraction = 0.05        # held-out fraction of records (sharegpt) or windows (text, tfds)
-  c.max_records = 0             # 0 = all; else the first N records (sharegpt), documents (tfds)
-                                # or seq_len windows (text)
-  return c
+  """The data section of base_config() (where each field is described), to edit and pass on."""
+  return config_base.base_config().data
 
 
 def _config_dict(data_cfg) -> Dict[str, Any]:
-  cfg = default_data_config().to_dict()
-  given = data_cfg.to_dict() if hasattr(data_cfg, "to_dict") else dict(data_cfg)
-  unknown = sorted(set(given) - set(cfg))
-  if unknown:
-    raise ValueError(f"unknown data config fields {unknown}; known fields: {sorted(cfg)}")
-  cfg.update(given)
+  cfg = config_base.section("data", data_cfg)
   if cfg["source"] not in SOURCES:
-    raise ValueError(f"data.source={cfg['source']!r}; use one of {SOURCES}")
+    raise DataError(f"data.source={cfg['source']!r}; use one of {', '.join(SOURCES)}")
   if not 0.0 <= float(cfg["eval_fraction"]) < 1.0:
-    raise ValueError(f"data.eval_fraction={cfg['eval_fraction']} must be in [0, 1)")
+    raise DataError(f"data.eval_fraction={cfg['eval_fraction']} must be in [0, 1)")
   return cfg
+
+
+def read_text(fname: str) -> str:
+  """A data file's text; a file that is not UTF-8 is an error naming the line."""
+  try:
+    with open(fname, "rb") as f:
+      raw = f.read()
+  except OSError as e:
+    raise DataError(f"cannot read data file {fname}: {e.strerror}; fix data.path") from e
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line = raw.count(b"\n", 0, e.start) + 1
+    raise DataError(f"{fname}:{line}: not UTF-8 (byte {e.start}); convert the file to UTF-8 "
+                    f"(e.g. iconv -t UTF-8) or fix data.path") from e
 
 
 # ----------------------------------------------------------------------------- reading
@@ -82,8 +81,8 @@ def expand_paths(path: str) -> List[str]:
     matches = sorted(glob.glob(os.path.expanduser(part)))
     files.extend(m for m in matches if os.path.isfile(m))
   if not files:
-    raise FileNotFoundError(f"data.path={path!r} matches no file; give a file, a glob or a "
-                            "comma-separated list")
+    raise DataFileNotFoundError(f"data.path={path!r} matches no file; give a file, a glob or "
+                                "a comma-separated list")
   return files
 
 
@@ -95,13 +94,12 @@ def read_json_records(path: str) -> List[Any]:
   """
   records: List[Any] = []
   for fname in expand_paths(path):
-    with open(fname, encoding="utf-8") as f:
-      text = f.read()
+    text = read_text(fname)
     if text.lstrip()[:1] == "[":
       try:
         data = json.loads(text)
       except json.JSONDecodeError as e:
-        raise ValueError(f"{fname} starts with '[' but is not valid JSON ({e}); fix it or write "
+        raise DataError(f"{fname} starts with '[' but is not valid JSON ({e}); fix it or write "
                          "it as JSONL, one record per line") from e
       records.extend(data)
       continue
@@ -153,10 +151,10 @@ def read_tfds_documents(name: str, split: str, data_dir: str, text_key: str,
   try:
     import tensorflow_datasets as tfds  # optional: pip install 'hydra_jax[tfds]'
   except ImportError as e:
-    raise ImportError("data.source='tfds' needs tensorflow-datasets: "
+    raise MissingDependencyError("data.source='tfds' needs tensorflow-datasets: "
                       "pip install 'hydra_jax[tfds]' (TensorFlow itself is not needed)") from e
   if not name:
-    raise ValueError("data.source='tfds' needs data.tfds_name (e.g. 'lm1b')")
+    raise DataError("data.source='tfds' needs data.tfds_name (e.g. 'lm1b')")
   source = tfds.data_source(name, split=split, data_dir=data_dir or None)
   n = len(source) if not max_records else min(len(source), int(max_records))
   docs: List[str] = []
@@ -169,7 +167,7 @@ def read_tfds_documents(name: str, split: str, data_dir: str, text_key: str,
       examples = [source[k] for k in keys]
     for ex in examples:
       if text_key not in ex:
-        raise KeyError(f"TFDS {name} examples have no feature {text_key!r}; set "
+        raise DataError(f"TFDS {name} examples have no feature {text_key!r}; set "
                        f"data.tfds_text_key to one of {sorted(ex)}")
       text = ex[text_key]
       if isinstance(text, np.ndarray):
@@ -232,7 +230,7 @@ class BatchIterator:
                process_index: int = 0, process_count: int = 1, pad_id: int = 0,
                name: str = "train"):
     if global_batch_size % process_count:
-      raise ValueError(f"global_batch_size {global_batch_size} is not divisible by the "
+      raise DataError(f"global_batch_size {global_batch_size} is not divisible by the "
                        f"{process_count} processes; make it a multiple of {process_count}")
     if not 0 <= process_index < process_count:
       raise ValueError(f"process_index {process_index} not in [0, {process_count})")
@@ -282,7 +280,7 @@ class BatchIterator:
 
   def __next__(self) -> Dict[str, np.ndarray]:
     if self.steps_per_epoch == 0:
-      raise ValueError(f"the {self.name} split has {self.num_examples} examples, fewer than "
+      raise DataError(f"the {self.name} split has {self.num_examples} examples, fewer than "
                        f"global_batch_size {self.global_batch_size}; lower the batch size or "
                        "add data")
     g = self.global_batch_size
@@ -314,13 +312,13 @@ class BatchIterator:
     mine = self.get_state()
     for key in ("seed", "global_batch_size", "fingerprint"):
       if key in state and state[key] != mine[key]:
-        raise ValueError(
+        raise DataError(
             f"data iterator state was saved with {key}={state[key]!r} but this run has "
             f"{mine[key]!r}; resume with the same data, seed and global_batch_size, or start "
             "from a fresh workdir")
     epoch, position = int(state["epoch"]), int(state["position"])
     if not 0 <= position < max(1, self.steps_per_epoch):
-      raise ValueError(f"data iterator position {position} is outside the epoch's "
+      raise DataError(f"data iterator position {position} is outside the epoch's "
                        f"{self.steps_per_epoch} steps")
     self.epoch, self.position = epoch, position
 
@@ -382,7 +380,7 @@ def _chat_rows(cfg, tokenizer, seq_len: int, stats: Dict[str, Any]):
                 len(records), ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())),
                 first_skip)
   if not kept:
-    raise ValueError(f"no usable conversations in data.path={cfg['path']!r}: "
+    raise DataError(f"no usable conversations in data.path={cfg['path']!r}: "
                      f"{len(records)} records, skipped {dict(skipped)} (first of each: "
                      f"{first_skip}); check the file format and data.template")
   is_eval = split_indices(len(records), float(cfg["eval_fraction"]), stats["seed"])[kept]
@@ -391,10 +389,7 @@ def _chat_rows(cfg, tokenizer, seq_len: int, stats: Dict[str, Any]):
 
 def _stream_rows(cfg, tokenizer, seq_len: int, stats: Dict[str, Any]):
   if cfg["source"] == "text":
-    docs = []
-    for fname in expand_paths(cfg["path"]):
-      with open(fname, encoding="utf-8") as f:
-        docs.append(f.read())
+    docs = [read_text(fname) for fname in expand_paths(cfg["path"])]
     where = f"data.path={cfg['path']!r}"
   else:
     docs = read_tfds_documents(cfg["tfds_name"], cfg["tfds_split"], cfg["tfds_data_dir"],
@@ -408,7 +403,7 @@ def _stream_rows(cfg, tokenizer, seq_len: int, stats: Dict[str, Any]):
     rows = WindowRows(stream[:n * seq_len], seq_len)
   stats.update(records=n, documents=len(docs), stream_tokens=int(len(stream)), skipped={})
   if n == 0:
-    raise ValueError(f"{where} has {len(stream)} tokens, fewer than one seq_len={seq_len} "
+    raise DataError(f"{where} has {len(stream)} tokens, fewer than one seq_len={seq_len} "
                      "window; add text or lower seq_len")
   return rows, split_indices(n, float(cfg["eval_fraction"]), stats["seed"])
 
@@ -423,9 +418,9 @@ def build_datasets(data_cfg, tokenizer, seq_len: int, global_batch_size: int, se
   """
   cfg = _config_dict(data_cfg)
   if seq_len < 2:
-    raise ValueError(f"seq_len={seq_len}: head targets lie 2+ tokens ahead; use seq_len >= 2")
+    raise DataError(f"seq_len={seq_len}: head targets lie 2+ tokens ahead; use seq_len >= 2")
   if max_len is not None and seq_len > max_len:
-    raise ValueError(f"seq_len={seq_len} is beyond the model's max_position_embeddings="
+    raise DataError(f"seq_len={seq_len} is beyond the model's max_position_embeddings="
                      f"{max_len}; set seq_len <= {max_len}")
   if process_index is None or process_count is None:
     import jax
@@ -448,7 +443,7 @@ def build_datasets(data_cfg, tokenizer, seq_len: int, global_batch_size: int, se
                eval_batches=-(-evals.num_examples // global_batch_size),
                train_target_tokens=target_tokens)
   if train.steps_per_epoch == 0:
-    raise ValueError(f"{train.num_examples} training examples make no full global batch of "
+    raise DataError(f"{train.num_examples} training examples make no full global batch of "
                      f"{global_batch_size}; lower global_batch_size or add data")
   log.info("data: %s", {k: v for k, v in stats.items() if k != "skipped_examples"})
   return train, evals, stats

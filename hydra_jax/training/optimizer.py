@@ -3,15 +3,10 @@
 Only the draft heads are trained and their master weights stay in f32, so the optimizer
 sees f32 params whatever dtype the base model or the head compute runs in.
 
-`opt_cfg` is an ml_collections ConfigDict or a plain dict with the fields
-
-  lr                   peak learning rate
-  b1, b2, eps          Adam moments (0.9, 0.999, 1e-8)
-  weight_decay         decoupled decay, applied to matrices only (not biases, norm scales)
-  warmup_steps         linear warmup length, in optimizer updates
-  final_lr_multiplier  the cosine ends at final_lr_multiplier * lr (Hydra++: 0.33)
-  clip_norm            global-norm gradient clipping; <= 0 disables it
-  grad_accum_steps     micro-batches per optimizer update (optax.MultiSteps); 1 = none
+`opt_cfg` is the config's `optimizer` section (a ConfigDict, or a dict with some of its
+fields: the others come from config_base.base_config(), where each one is described):
+lr, b1, b2, eps, weight_decay (matrices only, not biases or norm scales), warmup_steps,
+final_lr_multiplier, clip_norm (<= 0 disables it), grad_accum_steps (optax.MultiSteps).
 
 `total_steps` counts calls of the train step (micro-batches); the schedule runs over
 total_steps // grad_accum_steps optimizer updates.
@@ -25,27 +20,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-DEFAULTS = dict(lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, warmup_steps=0,
-                final_lr_multiplier=1.0, clip_norm=1.0, grad_accum_steps=1)
+from hydra_jax.training import config_base
 
 # Leaf names that never get weight decay, whatever their rank.
 _NO_DECAY_NAMES = ("bias", "scale")
-
-
-def cfg_get(cfg: Any, name: str, default: Any = None) -> Any:
-  """Reads a field from a ConfigDict, a dict or an object, falling back to `default`."""
-  if cfg is None:
-    return default
-  if isinstance(cfg, dict):
-    return cfg.get(name, default)
-  try:
-    return cfg[name] if name in cfg else default  # ConfigDict
-  except TypeError:
-    return getattr(cfg, name, default)
-
-
-def _opt_field(opt_cfg, name):
-  return cfg_get(opt_cfg, name, DEFAULTS[name])
 
 
 def make_lr_schedule(opt_cfg, total_steps: int) -> Callable[[jax.Array], jax.Array]:
@@ -54,10 +32,11 @@ def make_lr_schedule(opt_cfg, total_steps: int) -> Callable[[jax.Array], jax.Arr
   The warmup starts at lr / warmup_steps rather than 0, so the very first update already
   moves the params (a zero first step wastes a batch and hides a broken optimizer).
   """
-  peak = float(_opt_field(opt_cfg, "lr"))
-  warmup = int(_opt_field(opt_cfg, "warmup_steps"))
-  final = peak * float(_opt_field(opt_cfg, "final_lr_multiplier"))
-  accum = max(1, int(_opt_field(opt_cfg, "grad_accum_steps")))
+  opt = config_base.section("optimizer", opt_cfg)
+  peak = float(opt["lr"])
+  warmup = int(opt["warmup_steps"])
+  final = peak * float(opt["final_lr_multiplier"])
+  accum = max(1, int(opt["grad_accum_steps"]))
   updates = max(1, int(total_steps) // accum)
   if warmup < 0 or peak < 0:
     raise ValueError(f"optimizer: lr ({peak}) and warmup_steps ({warmup}) must be >= 0")
@@ -87,22 +66,23 @@ def make_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:
 
   The learning rate is an injected hyperparameter, so `current_lr(opt_state)` can report it.
   """
-  clip = float(_opt_field(opt_cfg, "clip_norm"))
-  accum = int(_opt_field(opt_cfg, "grad_accum_steps"))
+  opt = config_base.section("optimizer", opt_cfg)
+  clip = float(opt["clip_norm"])
+  accum = int(opt["grad_accum_steps"])
   if accum < 1:
     raise ValueError(f"optimizer.grad_accum_steps must be >= 1, got {accum}")
   adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
-      learning_rate=make_lr_schedule(opt_cfg, total_steps),
-      b1=float(_opt_field(opt_cfg, "b1")),
-      b2=float(_opt_field(opt_cfg, "b2")),
-      eps=float(_opt_field(opt_cfg, "eps")),
-      weight_decay=float(_opt_field(opt_cfg, "weight_decay")),
+      learning_rate=make_lr_schedule(opt, total_steps),
+      b1=float(opt["b1"]),
+      b2=float(opt["b2"]),
+      eps=float(opt["eps"]),
+      weight_decay=float(opt["weight_decay"]),
       mask=decay_mask)
   parts = ([optax.clip_by_global_norm(clip)] if clip > 0 else []) + [adamw]
-  opt = optax.chain(*parts)
+  chained = optax.chain(*parts)
   if accum > 1:
-    opt = optax.MultiSteps(opt, every_k_schedule=accum)
-  return opt
+    chained = optax.MultiSteps(chained, every_k_schedule=accum)
+  return chained
 
 
 def current_lr(opt_state) -> jax.Array:

@@ -37,6 +37,11 @@ LOGICAL_RULES: Tuple[Tuple[str, Any], ...] = (
     ("kv_heads", "tensor"),
     ("vocab", "tensor"),
     ("head_dim", None),
+    # The fused projections' part axes (q/k/v, gate/up, W/W_res): never split, so each
+    # device holds whole groups of the axis beside them.
+    ("qkv", None),
+    ("gate_up", None),
+    ("fused", None),
     # The (k+2)*D input of a Hydra head's first block ([head_in, mlp] kernels): split like
     # "embed", the other side being on "tensor".
     ("head_in", "fsdp"),
@@ -171,14 +176,13 @@ def _infer_model_cfg(base_params):
   vocab, d = base_params["embed_tokens"]["embedding"].shape
   num_layers = sum(1 for k in base_params if k.startswith("layers_"))
   attn = base_params["layers_0"]["self_attn"]
-  _, heads, head_dim = attn["q_proj"]["kernel"].shape
-  kv_heads = attn["k_proj"]["kernel"].shape[1]
+  _, kv_heads, group_plus_kv, head_dim = attn["qkv_proj"]["kernel"].shape  # [D, K, G + 2, H]
   return ModelConfig(
-      vocab_size=vocab, hidden_size=d, num_layers=num_layers, num_heads=heads,
-      num_kv_heads=kv_heads, head_dim=head_dim,
-      intermediate_size=base_params["layers_0"]["mlp"]["gate_proj"]["kernel"].shape[1],
+      vocab_size=vocab, hidden_size=d, num_layers=num_layers,
+      num_heads=kv_heads * (group_plus_kv - 2), num_kv_heads=kv_heads, head_dim=head_dim,
+      intermediate_size=base_params["layers_0"]["mlp"]["gate_up_proj"]["kernel"].shape[2],
       tie_word_embeddings="lm_head" not in base_params,
-      attention_bias="bias" in attn["q_proj"])
+      attention_bias="bias" in attn["qkv_proj"])
 
 
 def _check_same_structure(tree, shardings, what: str):

@@ -7,12 +7,9 @@ base's frozen table, the heads' teacher-forced features, the per-head losses chu
 once), gradients w.r.t. the head params only, and the optax update. The base params are an
 argument, not part of the state: the optimizer, checkpoints and gradients see the heads only.
 
-`train_cfg` (ConfigDict or dict) fields:
-  loss           "hard" (CE vs the data) | "teacher" (soft CE vs the base) | "both"
-  head_weights   "equal" | "decay" (0.8**k)
-  base_dtype     compute dtype of the frozen base forward ("bfloat16" | "float32")
-  compute_dtype  compute dtype of the heads (their master weights stay f32)
-  logits_chunk   T-chunk size for the LM heads and the loss (0 = whole sequence)
+`train_cfg` is the config's `train` section (a ConfigDict, or a dict with some of its
+fields: the others come from config_base.base_config(), where each one is described):
+loss, head_weights, base_dtype, compute_dtype, logits_chunk.
 Dropout (Hydra++) draws from the step's rng folded with the step number, so a resumed run
 repeats the same masks.
 """
@@ -32,13 +29,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from hydra_jax.model.config import ModelConfig
 from hydra_jax.model.heads import DraftHeads, HeadsConfig, init_heads
 from hydra_jax.model.llama import LlamaModel, init_params
-from hydra_jax.training import losses
-from hydra_jax.training.optimizer import cfg_get, current_lr
+from hydra_jax.training import config_base, losses
+from hydra_jax.training.optimizer import current_lr
 from hydra_jax.training.sharding import (BATCH_AXES, LOGICAL_RULES, base_param_shardings, batch_sharding,
                                          logical_to_sharding, opt_state_shardings, replicated)
 
-TRAIN_DEFAULTS = dict(loss="hard", head_weights="equal", base_dtype="bfloat16",
-                      compute_dtype="float32", logits_chunk=512)
 _DTYPES = {"bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "float32": jnp.float32,
            "f32": jnp.float32, "float16": jnp.float16, "fp16": jnp.float16}
 
@@ -47,10 +42,6 @@ class TrainState(flax.struct.PyTreeNode):
   step: jax.Array  # int32 scalar: train-step calls so far (micro-batches when accumulating)
   params: Any      # head params only, f32
   opt_state: Any
-
-
-def _train_field(train_cfg, name):
-  return cfg_get(train_cfg, name, TRAIN_DEFAULTS[name])
 
 
 def parse_dtype(name) -> Any:
@@ -94,10 +85,9 @@ def train_state_shardings(model_cfg: ModelConfig, heads_cfg: HeadsConfig,
                     opt_state=opt_state_shardings(opt, abstract_opt, param_sh, mesh))
 
 
-def _models(model_cfg, heads_cfg, train_cfg):
-  base = LlamaModel(model_cfg, dtype=parse_dtype(_train_field(train_cfg, "base_dtype")))
-  heads = DraftHeads(heads_cfg, model_cfg, dtype=parse_dtype(_train_field(train_cfg,
-                                                                          "compute_dtype")),
+def _models(model_cfg, heads_cfg, train: Dict[str, Any]):
+  base = LlamaModel(model_cfg, dtype=parse_dtype(train["base_dtype"]))
+  heads = DraftHeads(heads_cfg, model_cfg, dtype=parse_dtype(train["compute_dtype"]),
                      param_dtype=jnp.float32)
   return base, heads
 
@@ -158,12 +148,13 @@ def build_train_step(model_cfg: ModelConfig, heads_cfg: HeadsConfig, train_cfg,
   (top-1 vs the data on the masked targets), grad_norm (before clipping), lr, tokens (B*T),
   targets (head 0's masked target count).
   """
-  loss_kind = _train_field(train_cfg, "loss")
-  head_w = losses.head_loss_weights(_train_field(train_cfg, "head_weights"), heads_cfg.num_heads)
+  train = config_base.section("train", train_cfg)
+  loss_kind = train["loss"]
+  head_w = losses.head_loss_weights(train["head_weights"], heads_cfg.num_heads)
   if loss_kind not in losses.LOSS_KINDS:
     raise ValueError(f"train.loss must be one of {losses.LOSS_KINDS}, got {loss_kind!r}")
-  chunk = int(_train_field(train_cfg, "logits_chunk"))
-  base_model, heads_model = _models(model_cfg, heads_cfg, train_cfg)
+  chunk = int(train["logits_chunk"])
+  base_model, heads_model = _models(model_cfg, heads_cfg, train)
   if base_shardings is None:
     base_shardings = base_param_shardings(model_cfg, mesh)
   deterministic = heads_cfg.dropout == 0.0
@@ -214,8 +205,9 @@ def build_eval_step(model_cfg: ModelConfig, heads_cfg: HeadsConfig, train_cfg, m
   """
   if isinstance(param_shardings, TrainState):
     param_shardings = param_shardings.params
-  chunk = int(_train_field(train_cfg, "logits_chunk"))
-  base_model, heads_model = _models(model_cfg, heads_cfg, train_cfg)
+  train = config_base.section("train", train_cfg)
+  chunk = int(train["logits_chunk"])
+  base_model, heads_model = _models(model_cfg, heads_cfg, train)
   if base_shardings is None:
     base_shardings = base_param_shardings(model_cfg, mesh)
   num_heads = heads_cfg.num_heads

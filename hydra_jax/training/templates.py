@@ -25,6 +25,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from hydra_jax.training.errors import DataError
+
 VICUNA_SYSTEM_PROMPT = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions.")
@@ -111,7 +113,7 @@ def _split_system(messages: Sequence[Message]) -> Tuple[Optional[str], Sequence[
 
 def _eos_text(tokenizer) -> str:
   if not tokenizer.eos_token:
-    raise ValueError("named chat templates end each assistant turn with the tokenizer's EOS "
+    raise DataError("named chat templates end each assistant turn with the tokenizer's EOS "
                      "token, but this tokenizer has none; set tokenizer.eos_token")
   return tokenizer.eos_token
 
@@ -210,7 +212,7 @@ def render_conversation(messages: Sequence[Message], tokenizer, template: str = 
   """
   if template == "chat_template":
     if not getattr(tokenizer, "chat_template", None):
-      raise ValueError("the tokenizer has no chat_template; set data.template='vicuna_v1.1' "
+      raise DataError("the tokenizer has no chat_template; set data.template='vicuna_v1.1' "
                        "(or 'plain'), or give the tokenizer a template")
     msgs = list(messages)
     if system_prompt and msgs[0]["role"] != "system":
@@ -233,7 +235,7 @@ def render_conversation(messages: Sequence[Message], tokenizer, template: str = 
   elif template == "plain":
     text, spans = render_plain(messages, _eos_text(tokenizer), system_prompt)
   else:
-    raise ValueError(f"unknown chat template {template!r}; use one of {TEMPLATES}")
+    raise DataError(f"unknown chat template {template!r}; use one of {TEMPLATES}")
   # Named templates are plain text: the tokenizer adds its usual BOS (as FastChat does).
   return Rendered(text, tuple(spans), add_special_tokens=True)
 

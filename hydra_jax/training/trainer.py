@@ -1,22 +1,27 @@
 """The training driver: `train_and_evaluate(config, workdir)`, what train.py and notebooks call.
 
 One run: check the config against the base model, build mesh, data, state and the jitted
-steps, resume from the latest checkpoint in the workdir if there is one, then loop. The loop
-dispatches step N before pulling step N-1's metrics to the host, so the host never waits on
-the device except when it has to: before a checkpoint (the state is saved only once every
-loss up to it, and the params themselves, are known to be finite), before an evaluation,
-and at the end. A NaN/inf loss stops the run with `TrainingDivergedError`; the last good
-checkpoint stays the latest one.
+steps, resume from the latest readable checkpoint in the workdir if there is one, then loop
+(host_loop.py: step N is dispatched before step N-1's metrics are pulled). The state is
+saved only once every loss up to it, and the params themselves, are known to be finite. A
+NaN/inf loss stops the run with `TrainingDivergedError`; the last good checkpoint stays the
+latest one. A run whose last checkpoint reached num_steps and whose heads were exported
+says so and returns its recorded final metrics without compiling anything.
 
 Before step s (0-based) the data iterator has yielded exactly s batches and the step draws
 its dropout rng as fold_in(rng, s), so a resumed run replays the same steps as an
 uninterrupted one.
+
+Everything a user can fix raises a `errors.TrainingError` (or a checkpoint / heads error)
+whose message names the fix; train.py prints it and exits 2.
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
+import json
 import os
+import sys
 import time
 import uuid
 from typing import Any, Dict, Optional
@@ -24,13 +29,18 @@ from typing import Any, Dict, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
-from hydra_jax.checkpoint.hf import CheckpointError, load_hf_model
-from hydra_jax.checkpoint.heads_io import load_heads, save_heads
+from hydra_jax.checkpoint.hf import CheckpointError, HFModel, load_hf_model
+from hydra_jax.checkpoint.heads_io import (base_weights_fingerprint, load_heads, read_heads_meta,
+                                           save_heads, weights_difference)
 from hydra_jax.model.config import ModelConfig
 from hydra_jax.model.heads import HeadsConfig
-from hydra_jax.training import checkpointing, evaluation, metrics_log
-from hydra_jax.training.data import build_datasets
+from hydra_jax.training import checkpointing, evaluation, losses, metrics_log
+from hydra_jax.training.data import BatchIterator, build_datasets
+from hydra_jax.training.errors import (CheckpointWriteError, ConfigError, TrainingDivergedError,
+                                       is_out_of_space, short_reason)
+from hydra_jax.training.host_loop import HostLoop, to_host
 from hydra_jax.training.optimizer import make_optimizer
 from hydra_jax.training.sharding import (LOGICAL_RULES, base_param_shardings, make_global_batch,
                                          make_mesh, shard_base_params)
@@ -38,13 +48,8 @@ from hydra_jax.training.step import build_eval_step, build_train_step, create_tr
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
-
-class ConfigError(ValueError):
-  """A config that cannot run; the message names the field and the fix."""
-
-
-class TrainingDivergedError(FloatingPointError):
-  """The loss (or the params) became NaN/inf; nothing after the last good checkpoint is saved."""
+__all__ = ["train_and_evaluate", "check_config", "heads_config_from", "prepare_workdir",
+           "maybe_initialize_distributed", "ConfigError", "TrainingDivergedError"]
 
 
 # --- checks ---------------------------------------------------------------------------------
@@ -74,9 +79,20 @@ def check_config(config, base_cfg: ModelConfig) -> None:
         f"seq_len={config.seq_len} leaves no target for the last of {k} heads (head k "
         f"predicts token t+k+2); use seq_len >= {k + 2} or fewer heads")
   heads_config_from(config, base_cfg)
-  dtype = config.train.base_dtype
-  if dtype not in _DTYPES:
-    raise ConfigError(f"train.base_dtype={dtype!r}; use one of {', '.join(_DTYPES)}")
+  for field in ("base_dtype", "compute_dtype"):
+    _check_choice(f"train.{field}", config.train[field], tuple(_DTYPES))
+  _check_choice("train.loss", config.train.loss, losses.LOSS_KINDS)
+  _check_choice("train.head_weights", config.train.head_weights, losses.HEAD_WEIGHTS)
+  if config.train.logits_chunk < 0:
+    raise ConfigError(f"train.logits_chunk={config.train.logits_chunk} must be >= 0 (0 = the "
+                      f"whole sequence at once)")
+  o = config.optimizer
+  if o.lr < 0 or o.warmup_steps < 0 or o.weight_decay < 0:
+    raise ConfigError(f"optimizer.lr={o.lr}, warmup_steps={o.warmup_steps} and weight_decay="
+                      f"{o.weight_decay} must be >= 0")
+  if o.grad_accum_steps < 1:
+    raise ConfigError(f"optimizer.grad_accum_steps={o.grad_accum_steps} must be >= 1 (1 = no "
+                      f"accumulation)")
   if len(tuple(config.mesh_shape)) != 3:
     raise ConfigError(f"mesh_shape={tuple(config.mesh_shape)} needs 3 entries (data, fsdp, tensor)")
   if config.global_batch_size <= 0 or config.global_batch_size % jax.process_count():
@@ -89,6 +105,11 @@ def check_config(config, base_cfg: ModelConfig) -> None:
       raise ConfigError(f"{name}={config[name]} must be positive")
   if config.eval_every < 0 or config.eval_batches < 0:
     raise ConfigError("eval_every and eval_batches must be >= 0")
+
+
+def _check_choice(name: str, value, choices) -> None:
+  if value not in choices:
+    raise ConfigError(f"{name}={value!r}; use one of {', '.join(map(repr, choices))}")
 
 
 def prepare_workdir(workdir: str) -> str:
@@ -141,30 +162,27 @@ def maybe_initialize_distributed(dcfg) -> None:
   jax.distributed.initialize(**kwargs)
 
 
-# --- helpers --------------------------------------------------------------------------------
+def _eval_tree(config, heads_cfg: HeadsConfig):
+  if not config.eval_tree:
+    return None
+  try:
+    return evaluation.tree_for_heads(config.eval_tree, heads_cfg.num_heads)
+  except (ValueError, OSError) as e:  # TreeError is a ValueError
+    raise ConfigError(f"config.eval_tree={config.eval_tree!r}: {e} (or '' for none)") from e
 
 
-@jax.jit
-def _all_finite(tree) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(x.dtype, jnp.inexact)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+# --- set-up -----------------------------------------------------------------------------------
 
 
-def _to_host(tree):
-  """Full numpy copies of (possibly sharded, possibly multi-process) arrays."""
-  if jax.process_count() == 1:
-    return jax.device_get(tree)
-  from jax.experimental import multihost_utils
-  return multihost_utils.process_allgather(tree, tiled=True)
+def _notice(msg: str) -> None:
+  """A line on stderr for the user (process 0 only), outside any progress bar."""
+  if jax.process_index() == 0:
+    print(msg, file=sys.stderr, flush=True)
 
 
-def _scalars(metrics: Dict[str, Any]) -> Dict[str, float]:
-  return {k: float(np.asarray(v)) for k, v in metrics.items() if np.ndim(v) == 0}
-
-
-def _load_base(config):
+def _load_base(config) -> HFModel:
   path = config.model_path
+  _check_choice("train.base_dtype", config.train.base_dtype, tuple(_DTYPES))
   if not path:
     raise ConfigError("config.model_path is empty: set --config.model_path=DIR (a Hugging Face "
                       "model directory)")
@@ -183,6 +201,115 @@ def _load_base(config):
   return base
 
 
+def _make_mesh(config) -> Mesh:
+  try:
+    mesh = make_mesh(tuple(config.mesh_shape))
+  except ValueError as e:
+    raise ConfigError(f"config.mesh_shape: {e}") from e
+  batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+  if config.global_batch_size % batch_ways:
+    raise ConfigError(
+        f"global_batch_size={config.global_batch_size} does not split over the data x fsdp "
+        f"mesh axes ({dict(mesh.shape)}: {batch_ways} ways); use a multiple of {batch_ways} or "
+        f"move devices to the tensor axis of mesh_shape")
+  return mesh
+
+
+@dataclasses.dataclass
+class _Run:
+  """Everything one run builds before its first step."""
+  config: Any
+  workdir: str
+  base: HFModel
+  heads_cfg: HeadsConfig
+  tree: Any  # CompiledTree for the predicted accept length, or None
+  ckpt: checkpointing.TrainCheckpointer
+  meta: Dict[str, Any]  # what the heads are for: stored in every checkpoint
+  mesh: Optional[Mesh] = None
+  train_it: Optional[BatchIterator] = None
+  eval_it: Optional[BatchIterator] = None
+  data_stats: Optional[Dict[str, Any]] = None
+  total_steps: int = 0
+  export_dir: str = ""
+
+  @property
+  def is_main(self) -> bool:
+    return jax.process_index() == 0
+
+
+def _check_resume_compatible(run: _Run, extra: Dict[str, Any]) -> None:
+  """Refuses a checkpoint of other heads or another base (shapes, config or weights)."""
+  weights = run.meta["base_weights"]
+  checkpointing.check_compatible(
+      extra.get("meta", {}), run.heads_cfg.to_dict(), run.meta["base_fingerprint"],
+      run.ckpt.directory,
+      base_weights_ok=lambda recorded: weights_difference(recorded, weights) in (0.0, None))
+
+
+def _check_latest_checkpoint_early(run: _Run) -> None:
+  """The cheap JSON check of the latest checkpoint, before data and compiles."""
+  latest = run.ckpt.latest_step()
+  if latest is None:
+    return
+  try:
+    extra = run.ckpt.restore_extra(latest)
+  except Exception:  # noqa: BLE001 - unreadable: restore_latest_good falls back later
+    return
+  _check_resume_compatible(run, extra)
+
+
+def _build_data(run: _Run) -> None:
+  c = run.config
+  run.train_it, run.eval_it, run.data_stats = build_datasets(
+      c.data, run.base.tokenizer, int(c.seq_len), int(c.global_batch_size), int(c.seed),
+      max_len=run.base.config.max_position_embeddings)
+  run.total_steps = int(c.num_steps) or int(c.num_epochs) * run.train_it.steps_per_epoch
+
+
+def _init_or_restore(run: _Run, opt, base_params):
+  """(state, state_shardings, start step or None, train rng) for this run."""
+  c = run.config
+  init_params = None
+  if run.ckpt.latest_step() is None and c.heads.init_from:
+    init_params = _load_init_heads(c.heads.init_from, run.base, run.heads_cfg)
+  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(int(c.seed)))
+  state, state_shardings = create_train_state(run.base.config, run.heads_cfg, base_params, opt,
+                                              run.mesh, LOGICAL_RULES, init_rng)
+  restored = run.ckpt.restore_latest_good(
+      checkpointing.abstract_tree(state, state_shardings),
+      check_extra=lambda extra: _check_resume_compatible(run, extra), warn=_notice)
+  if restored is not None:
+    start, state, extra = restored
+    run.train_it.set_state(extra["data"])
+    train_rng = jnp.asarray(np.asarray(extra["rng"], np.uint32))
+    if int(state.step) != start:
+      raise CheckpointError(f"checkpoint {start} in {run.ckpt.directory} holds state.step="
+                            f"{int(state.step)}; the checkpoint directory is inconsistent: "
+                            f"delete it or use a fresh --workdir")
+    return state, state_shardings, start, train_rng
+  if init_params is not None:
+    params = jax.device_put(init_params, state_shardings.params)
+    state = state.replace(params=params, opt_state=jax.jit(
+        opt.init, out_shardings=state_shardings.opt_state)(params))
+  return state, state_shardings, None, train_rng
+
+
+def _load_init_heads(path, base: HFModel, heads_cfg):
+  """Params of saved heads (ours or released) to start from instead of the random init."""
+  # Raises HeadsMismatchError for heads of another base (config or weights).
+  saved_cfg, params = load_heads(path, base.config, base_params=base.params)
+  ignore = ("dropout", "base_fingerprint")
+  as_json = lambda cfg: json.loads(json.dumps(cfg.to_dict()))  # noqa: E731 - tuples vs lists
+  saved = {k: v for k, v in as_json(saved_cfg).items() if k not in ignore}
+  want = {k: v for k, v in as_json(heads_cfg).items() if k not in ignore}
+  if saved != want:
+    diffs = [f"{k}: {saved[k]!r} there vs {want.get(k)!r} in the config" for k in saved
+             if saved[k] != want.get(k)]
+    raise ConfigError(f"heads.init_from={path!r} holds other heads ({'; '.join(diffs)}); set "
+                      f"config.heads to match them")
+  return params
+
+
 # --- the run --------------------------------------------------------------------------------
 
 
@@ -194,136 +321,78 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   base = _load_base(config)
   check_config(config, base.config)
   heads_cfg = heads_config_from(config, base.config)
-  tree = (evaluation.tree_for_heads(config.eval_tree, heads_cfg.num_heads)
-          if config.eval_tree else None)
+  tree = _eval_tree(config, heads_cfg)
+  meta = {"heads_config": heads_cfg.to_dict(), "base_fingerprint": base.config.fingerprint(),
+          "base_weights": base_weights_fingerprint(base.params),
+          "model_path": os.path.abspath(config.model_path)}
   ckpt = checkpointing.TrainCheckpointer(workdir, int(config.keep_checkpoints),
                                          async_save=bool(config.async_checkpoints))
+  run = _Run(config=config, workdir=workdir, base=base, heads_cfg=heads_cfg, tree=tree,
+             ckpt=ckpt, meta=meta,
+             export_dir=os.path.abspath(config.export_dir or os.path.join(workdir, "heads")))
   try:
-    return _run(config, workdir, base, heads_cfg, tree, ckpt)
-  finally:
-    ckpt.close()  # finishes a pending save (always of a checked state); never saves anything new
+    _check_latest_checkpoint_early(run)
+    run.mesh = _make_mesh(config)
+    _build_data(run)
+    final = _already_complete(run)
+    if final is None:
+      final = _train(run)
+  except BaseException:
+    ckpt.close(quiet=True)  # the error on its way is the one to report
+    raise
+  ckpt.close()  # finishes a pending save (always of a checked state); never saves anything new
+  return final
 
 
-def _run(config, workdir, base, heads_cfg, tree, ckpt) -> Dict[str, Any]:
-  is_main = jax.process_index() == 0
-  start = ckpt.latest_step()
-  meta = {"heads_config": heads_cfg.to_dict(), "base_fingerprint": base.config.fingerprint(),
-          "model_path": os.path.abspath(config.model_path)}
-  if start is not None:
-    checkpointing.check_compatible(ckpt.restore_extra(start).get("meta", {}),
-                                   heads_cfg.to_dict(), base.config.fingerprint(),
-                                   ckpt.directory)
-  init_params = None
-  if start is None and config.heads.init_from:
-    init_params = _load_init_heads(config.heads.init_from, base.config, heads_cfg)
-  mesh = make_mesh(tuple(config.mesh_shape))
-  batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
-  if config.global_batch_size % batch_ways:
-    raise ConfigError(
-        f"global_batch_size={config.global_batch_size} does not split over the data x fsdp "
-        f"mesh axes ({dict(mesh.shape)}: {batch_ways} ways); use a multiple of {batch_ways} or "
-        f"move devices to the tensor axis of mesh_shape")
+def _already_complete(run: _Run) -> Optional[Dict[str, Any]]:
+  """The recorded final metrics when the last checkpoint is final and its heads exported."""
+  latest = run.ckpt.latest_step()
+  if latest is None or latest < run.total_steps:
+    return None
+  try:
+    exported = read_heads_meta(run.export_dir).get("extra", {}).get("trained_steps")
+    finals = [r for r in metrics_log.read_metrics(run.workdir, "final") if r["step"] == latest]
+  except (OSError, ValueError, CheckpointError):
+    return None  # heads or metrics missing: evaluate and export again
+  if exported != latest or not finals:
+    return None
+  _notice(f"training is already complete: checkpoint {latest} of {run.total_steps} steps in "
+          f"{run.ckpt.directory}, heads in {run.export_dir}. Raise --config.num_steps to "
+          f"train on, or pass a fresh --workdir.")
+  final = {k: v for k, v in finals[-1].items() if k not in ("split", "time")}
+  final.update(resumed_from=latest, already_complete=True)
+  return final
 
-  train_it, eval_it, data_stats = build_datasets(
-      config.data, base.tokenizer, int(config.seq_len), int(config.global_batch_size),
-      int(config.seed), max_len=base.config.max_position_embeddings)
-  total_steps = int(config.num_steps) or int(config.num_epochs) * train_it.steps_per_epoch
-  opt = make_optimizer(config.optimizer, total_steps)
 
-  base_params = shard_base_params(base.params, mesh, LOGICAL_RULES, model_cfg=base.config)
-  base_shardings = base_param_shardings(base.config, mesh, LOGICAL_RULES)
-  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(int(config.seed)))
-  state, state_shardings = create_train_state(base.config, heads_cfg, base_params, opt, mesh,
-                                              LOGICAL_RULES, init_rng)
-  if start is not None:
-    state, extra = ckpt.restore(start, checkpointing.abstract_tree(state, state_shardings))
-    train_it.set_state(extra["data"])
-    train_rng = jnp.asarray(np.asarray(extra["rng"], np.uint32))
-    if int(state.step) != start:
-      raise CheckpointError(f"checkpoint {start} in {ckpt.directory} holds state.step="
-                            f"{int(state.step)}; the checkpoint directory is inconsistent")
-  elif init_params is not None:
-    params = jax.device_put(init_params, state_shardings.params)
-    state = state.replace(params=params, opt_state=jax.jit(
-        opt.init, out_shardings=state_shardings.opt_state)(params))
-
-  train_step = build_train_step(base.config, heads_cfg, config.train, opt, mesh,
+def _train(run: _Run) -> Dict[str, Any]:
+  c = run.config
+  opt = make_optimizer(c.optimizer, run.total_steps)
+  base_params = shard_base_params(run.base.params, run.mesh, LOGICAL_RULES,
+                                  model_cfg=run.base.config)
+  base_shardings = base_param_shardings(run.base.config, run.mesh, LOGICAL_RULES)
+  state, state_shardings, start, train_rng = _init_or_restore(run, opt, base_params)
+  train_step = build_train_step(run.base.config, run.heads_cfg, c.train, opt, run.mesh,
                                 state_shardings, base_shardings)
-  eval_step = build_eval_step(base.config, heads_cfg, config.train, mesh, state_shardings,
-                              base_shardings)
-
-  step = int(start or 0)
-  logger = metrics_log.MetricsLogger(workdir, enabled=is_main, resume_step=start)
-  progress = metrics_log.Progress(total_steps, step, enabled=is_main and config.progress_bar)
-  progress.write(
-      f"{heads_cfg.arch} heads ({heads_cfg.num_heads} x {heads_cfg.num_layers} layers) on "
-      f"{config.model_path}: {total_steps} steps of {config.global_batch_size} x "
-      f"{config.seq_len} tokens ({train_it.steps_per_epoch} steps per epoch, "
-      f"{data_stats.get('train_examples')} train / {data_stats.get('eval_examples')} held-out "
-      f"rows), mesh {dict(mesh.shape)}, {jax.process_count()} process(es)")
-  if start is None:
-    logger.write(0, "data", {k: v for k, v in data_stats.items()
-                             if isinstance(v, (int, float, str))})
-  else:
-    progress.write(f"resumed from checkpoint {start} in {ckpt.directory}")
-  loop = _Loop(config, logger, progress, ckpt,
-               int(config.global_batch_size) * int(config.seq_len), start)
-  final_eval: Dict[str, Any] = {}
-
-  def run_eval(at_step):
-    sums, n = evaluation.accumulate(eval_step, state.params, base_params,
-                                    eval_it.eval_batches(int(config.eval_batches) or None),
-                                    lambda b: make_global_batch(b, mesh))
-    if not n:
-      return {}
-    out = evaluation.summarize(sums, tree)
-    out["eval_batches"] = n
-    logger.write(at_step, "eval", out)
-    progress.write(f"eval @ {at_step}: " + ", ".join(
-        f"{k}={v:.4g}" for k, v in out.items()
-        if k.startswith(("base_top1", "accept_length")) and isinstance(v, float)))
-    return out
-
+  eval_step = build_eval_step(run.base.config, run.heads_cfg, c.train, run.mesh,
+                              state_shardings, base_shardings)
+  logger = metrics_log.MetricsLogger(run.workdir, enabled=run.is_main, resume_step=start)
+  progress = metrics_log.Progress(run.total_steps, int(start or 0),
+                                  enabled=run.is_main and c.progress_bar)
   try:
-    pending = None
-    while step < total_steps:
-      batch = make_global_batch(next(train_it), mesh)
-      # The step folds state.step into the rng itself: dropout masks repeat on resume.
-      state, metrics = train_step(state, base_params, batch, train_rng)
-      step += 1
-      if pending is not None:
-        loop.consume(*pending)  # step N is queued; now wait for step N-1's numbers
-      pending = (step, metrics)
-      if config.step_delay_s:
-        time.sleep(float(config.step_delay_s))
-      save_now = step % int(config.checkpoint_every) == 0 or step == total_steps
-      eval_now = step == total_steps or (config.eval_every and step % int(config.eval_every) == 0)
-      if save_now or eval_now:
-        loop.consume(*pending)
-        pending = None
-      if save_now:
-        if not bool(_all_finite((state.params, state.opt_state))):
-          raise TrainingDivergedError(loop.diverged_message(step, "the params became non-finite"))
-        ckpt.save(step, state, {"data": train_it.get_state(), "meta": meta,
-                                "rng": np.asarray(train_rng).tolist()})
-        loop.last_good = step
-      if eval_now:
-        final_eval = run_eval(step)
-    if pending is not None:
-      loop.consume(*pending)
+    _announce(run, start, logger, progress)
+    evaluate = lambda at_step, params: _evaluate(run, eval_step, params, base_params, at_step,
+                                                 logger, progress)  # noqa: E731
+    loop = HostLoop(c.log_every, logger, progress, run.ckpt.directory,
+                    int(c.global_batch_size) * int(c.seq_len), start)
+    state, step, final_eval = _train_loop(run, state, base_params, train_step, train_rng, loop,
+                                          evaluate, int(start or 0))
     if not final_eval:  # e.g. resumed from a finished run's last checkpoint
-      final_eval = run_eval(step)
-    ckpt.wait()
-
-    export_dir = os.path.abspath(config.export_dir or os.path.join(workdir, "heads"))
-    params_host = _to_host(state.params)
-    if is_main:
-      save_heads(export_dir, params_host, heads_cfg, base_cfg=base.config,
-                 extra_meta={"trained_steps": step, "model_path": meta["model_path"],
-                             "eval": {k: v for k, v in final_eval.items()
-                                      if isinstance(v, (int, float, str))}})
-    final = {"step": step, "total_steps": total_steps, "resumed_from": start,
-             "heads_dir": export_dir, "workdir": workdir, "checkpoint_dir": ckpt.directory}
+      final_eval = evaluate(step, state.params)
+    run.ckpt.wait()
+    _export_heads(run, state, step, final_eval)
+    final = {"step": step, "total_steps": run.total_steps, "resumed_from": start,
+             "heads_dir": run.export_dir, "workdir": run.workdir,
+             "checkpoint_dir": run.ckpt.directory}
     final.update({f"train/{k}": v for k, v in loop.last_metrics.items()})
     final.update({f"eval/{k}": v for k, v in final_eval.items()})
     if loop.tokens_per_s is not None:
@@ -335,63 +404,88 @@ def _run(config, workdir, base, heads_cfg, tree, ckpt) -> Dict[str, Any]:
     logger.close()
 
 
-def _load_init_heads(path, base_cfg, heads_cfg):
-  """Params of saved heads (ours or released) to start from instead of the random init."""
-  saved_cfg, params = load_heads(path, base_cfg)  # raises HeadsMismatchError for another base
-  ignore = ("dropout", "base_fingerprint")
-  saved = {k: v for k, v in saved_cfg.to_dict().items() if k not in ignore}
-  want = {k: v for k, v in heads_cfg.to_dict().items() if k not in ignore}
-  if saved != want:
-    diffs = [f"{k}: {saved[k]!r} there vs {want.get(k)!r} in the config" for k in saved
-             if saved[k] != want.get(k)]
-    raise ConfigError(f"heads.init_from={path!r} holds other heads ({'; '.join(diffs)}); set "
-                      f"config.heads to match them")
-  return params
+def _announce(run: _Run, start: Optional[int], logger, progress) -> None:
+  c, h, stats = run.config, run.heads_cfg, run.data_stats
+  progress.write(
+      f"{h.arch} heads ({h.num_heads} x {h.num_layers} layers) on {c.model_path}: "
+      f"{run.total_steps} steps of {c.global_batch_size} x {c.seq_len} tokens "
+      f"({run.train_it.steps_per_epoch} steps per epoch, {stats.get('train_examples')} train / "
+      f"{stats.get('eval_examples')} held-out rows), mesh {dict(run.mesh.shape)}, "
+      f"{jax.process_count()} process(es)")
+  if start is None:
+    logger.write(0, "data", {k: v for k, v in stats.items() if isinstance(v, (int, float, str))})
+  else:
+    progress.write(f"resumed from checkpoint {start} in {run.ckpt.directory} "
+                   f"({max(0, run.total_steps - start)} of {run.total_steps} steps to go)")
 
 
-class _Loop:
-  """Host side of the loop: metric pulls, NaN checks, logging, progress and throughput."""
+def _train_loop(run: _Run, state, base_params, train_step, train_rng, loop: HostLoop, evaluate,
+                step: int):
+  """Steps until total_steps with checkpoints and evaluations; -> (state, step, last eval)."""
+  c = run.config
+  final_eval: Dict[str, Any] = {}
+  pending = None
+  while step < run.total_steps:
+    batch = make_global_batch(next(run.train_it), run.mesh)
+    # The step folds state.step into the rng itself: dropout masks repeat on resume.
+    state, metrics = train_step(state, base_params, batch, train_rng)
+    step += 1
+    if pending is not None:
+      loop.consume(*pending)  # step N is queued; now wait for step N-1's numbers
+    pending = (step, metrics)
+    if c.step_delay_s:
+      time.sleep(float(c.step_delay_s))
+    save_now = step % int(c.checkpoint_every) == 0 or step == run.total_steps
+    eval_now = step == run.total_steps or (c.eval_every and step % int(c.eval_every) == 0)
+    if save_now or eval_now:
+      loop.consume(*pending)
+      pending = None
+    if save_now:
+      loop.check_params(step, state)
+      run.ckpt.save(step, state, {"data": run.train_it.get_state(), "meta": run.meta,
+                                  "rng": np.asarray(train_rng).tolist()})
+      loop.last_good = step
+    if eval_now:
+      final_eval = evaluate(step, state.params)
+  if pending is not None:
+    loop.consume(*pending)
+  return state, step, final_eval
 
-  def __init__(self, config, logger, progress, ckpt, tokens_per_step, start):
-    self.config, self.logger, self.progress, self.ckpt = config, logger, progress, ckpt
-    self.tokens_per_step = tokens_per_step
-    self.last_good = start
-    self.window = []
-    self.last_metrics: Dict[str, float] = {}
-    self.tokens_per_s: Optional[float] = None
-    self._t_last = time.perf_counter()
-    self._t_window = self._t_last
-    self._consumed = start or 0
 
-  def diverged_message(self, step, what):
-    good = (f"the last good checkpoint is step {self.last_good} in {self.ckpt.directory}"
-            if self.last_good else "no checkpoint was written")
-    return (f"training diverged at step {step}: {what}; {good} (the bad state was not saved). "
-            f"Lower optimizer.lr, raise optimizer.warmup_steps or check the data, then rerun "
-            f"to resume from that checkpoint.")
+def _evaluate(run: _Run, eval_step, params, base_params, at_step: int, logger,
+              progress) -> Dict[str, Any]:
+  sums, n = evaluation.accumulate(eval_step, params, base_params,
+                                  run.eval_it.eval_batches(int(run.config.eval_batches) or None),
+                                  lambda b: make_global_batch(b, run.mesh))
+  if not n:
+    return {}
+  out = evaluation.summarize(sums, run.tree)
+  out["eval_batches"] = n
+  logger.write(at_step, "eval", out)
+  progress.write(f"eval @ {at_step}: " + ", ".join(
+      f"{k}={v:.4g}" for k, v in out.items()
+      if k.startswith(("base_top1", "accept_length")) and isinstance(v, float)))
+  return out
 
-  def consume(self, step: int, metrics) -> None:
-    """Pulls one step's metrics (blocks until that step ran), checks, logs."""
-    if step <= self._consumed:
-      return
-    m = _scalars(jax.device_get(metrics))
-    bad = {k: v for k, v in m.items() if k in ("loss", "grad_norm") and not math.isfinite(v)}
-    if bad:
-      raise TrainingDivergedError(self.diverged_message(
-          step, ", ".join(f"{k} = {v}" for k, v in bad.items())))
-    now = time.perf_counter()
-    dt, self._t_last = now - self._t_last, now
-    self._consumed = step
-    self.last_metrics = m
-    self.window.append(m)
-    self.progress.update(1, {"loss": f"{m.get('loss', float('nan')):.4f}",
-                             "tok/s": f"{self.tokens_per_step / max(dt, 1e-9):.0f}"})
-    if step % int(self.config.log_every) == 0 or step == 1:
-      elapsed = now - self._t_window
-      self._t_window = now
-      mean = {k: float(np.mean([w[k] for w in self.window])) for k in self.window[-1]}
-      self.tokens_per_s = self.tokens_per_step * len(self.window) / max(elapsed, 1e-9)
-      mean["tokens_per_s"] = self.tokens_per_s
-      mean["steps_in_mean"] = len(self.window)
-      self.logger.write(step, "train", mean)
-      self.window = []
+
+def _export_heads(run: _Run, state, step: int, final_eval: Dict[str, Any]) -> None:
+  """WORKDIR/heads (save_heads format), with the base's config and weights fingerprints."""
+  params_host = to_host(state.params)
+  if not run.is_main:
+    return
+  try:
+    save_heads(run.export_dir, params_host, run.heads_cfg, base_cfg=run.base.config,
+               base_weights=run.meta["base_weights"],
+               extra_meta={"trained_steps": step, "model_path": run.meta["model_path"],
+                           "eval": {k: v for k, v in final_eval.items()
+                                    if isinstance(v, (int, float, str))}})
+  except Exception as e:  # noqa: BLE001 - orbax / TensorStore report a full disk in many types
+    if not (isinstance(e, OSError) or is_out_of_space(e)):
+      raise
+    reason = (f"no space left in {run.export_dir}" if is_out_of_space(e)
+              else f"{short_reason(e)} in {run.export_dir}")
+    # save_heads writes heads_config.json last: without it the directory never loads.
+    raise CheckpointWriteError(
+        f"writing the heads failed: {reason}; the training checkpoint of step {step} in "
+        f"{run.ckpt.directory} is complete. Free some space (or fix that), then rerun the "
+        f"same command to export them.") from e

@@ -19,6 +19,8 @@ autoregressive sample for that seed whatever the tree or heads (tested token for
 the statistical tests use a different seed per case so that their samples are independent.
 """
 
+import dataclasses
+
 import numpy as np
 import jax
 import jax.numpy as jnp
@@ -26,9 +28,10 @@ import pytest
 from scipy import stats
 
 from hydra_jax.checkpoint.hf import load_hf_model
-from hydra_jax.decoding import speculative as spec
-from hydra_jax.decoding import spec_sampling as ss
-from hydra_jax.decoding.autoregressive import AutoregressiveEngine, StopCriteria
+from hydra_jax.decoding import acceptance as ss
+from hydra_jax.decoding.drafting import heads_drafter
+from hydra_jax.decoding.engine import DecodeEngine
+from hydra_jax.decoding.state import StopCriteria
 from hydra_jax.decoding.sampling import SamplingParams, process_logits
 from hydra_jax.decoding.tree import load_tree
 from hydra_jax.model.heads import HeadsConfig, base_lm_head_kernel, param_shapes
@@ -40,7 +43,6 @@ PROMPT = [5, 17, 9, 22]
 NUM_ROWS = 16384
 P_LEVEL = 1e-4
 MIN_PROB = 0.01  # marginal cells below this are merged: fewer degrees of freedom, more power
-STOP_NONE = jnp.zeros((0,), jnp.int32)
 # (temperature, top_k, top_p): two temperatures and a nucleus (with a top-k on top).
 SETTINGS = [(1.0, 0, 1.0), (0.6, 0, 1.0), (1.0, 12, 0.8)]
 
@@ -75,23 +77,39 @@ def _heads(hm, arch, seed=1, scale=0.3):
   return cfg, jax.tree_util.tree_unflatten(treedef, out)
 
 
+_ENGINES = {}
+
+
+@dataclasses.dataclass
+class _Run:
+  tokens: np.ndarray  # [B, S] output buffer
+  num_generated: np.ndarray  # [B]
+  steps: np.ndarray  # [B] verify steps
+  accepted: np.ndarray  # [B, max steps]: tokens emitted per step, 0-padded
+
+
 def _generate(hm, heads, tree, prompts, max_new, accept, setting=(0.0, 0, 1.0), seed=0,
-              drafter_factory=spec.heads_drafter, cache_len=None, row_ids_B=None, **posterior):
+              drafter_factory=heads_drafter, cache_len=None, row_ids_B=None, **posterior):
+  """One batch through the engine generate uses (engines cached: one compile per shape)."""
   cfg, params = heads
-  models = spec.SpecModels(hm.config, cfg, tree)
+  key = (id(hm), cfg, tree, accept, drafter_factory)
+  if key not in _ENGINES:
+    _ENGINES[key] = DecodeEngine(hm.config, jnp.float32, cfg, tree, accept, drafter_factory)
   p = max(len(x) for x in prompts)
   toks = np.zeros((len(prompts), p), np.int32)
   for i, x in enumerate(prompts):
     toks[i, :len(x)] = x
-  lens = jnp.asarray([len(x) for x in prompts], jnp.int32)
-  if row_ids_B is None:  # always an array: None would be another pytree, another compile
-    row_ids_B = jnp.arange(len(prompts), dtype=jnp.int32)
+  lens = np.asarray([len(x) for x in prompts], np.int32)
+  row_ids_B = np.arange(len(prompts)) if row_ids_B is None else np.asarray(row_ids_B)
   cache_len = cache_len or p + max_new + tree.num_nodes + 1
-  st = spec.speculative_generate(models, cache_len, drafter_factory, hm.params, params,
-                                 jnp.asarray(toks), lens, jnp.int32(max_new), STOP_NONE,
-                                 SamplingParams.make(*setting), jax.random.key(seed),
-                                 row_ids_B, accept=accept, **posterior)
-  return jax.device_get(st)
+  out = _ENGINES[key].run(hm.params, params, toks, lens, np.ones(len(prompts), bool), row_ids_B,
+                          SamplingParams.make(*setting), StopCriteria.make(max_new), seed,
+                          cache_len, **posterior)
+  per_step = out.extra["accepted_per_step"]
+  accepted = np.zeros((len(prompts), max(1, max(len(x) for x in per_step))), np.int32)
+  for r, x in enumerate(per_step):
+    accepted[r, :len(x)] = x
+  return _Run(out.tokens, out.num_generated, out.steps, accepted)
 
 
 # --- the exact autoregressive law, by enumeration -------------------------------------------
@@ -232,7 +250,7 @@ def test_exact_and_typical_at_temperature_zero_are_greedy_accept():
   tree = load_tree("mc_sim_7b_63")
   logits, tokens = _random_case(tree, 64, 0)
   pred = jnp.argmax(logits, -1).astype(jnp.int32)
-  a_g, path_g, last_g = spec.greedy_accept(tree, tokens, pred)
+  a_g, path_g, last_g = ss.greedy_accept(tree, tokens, pred)
   params = ss.AcceptParams.make(SamplingParams.make(0.0))
   keys = jax.random.split(jax.random.key(0), (tree.depth + 1) * 64).reshape(tree.depth + 1, 64)
   a_e, path_e, last_e, bonus = jax.jit(lambda *x: ss.exact_accept(tree, *x))(
@@ -290,8 +308,8 @@ def test_exact_sampling_matches_autoregressive_law_real_heads(hm):
   tree = load_tree("chain_4")
   for i, setting in enumerate(SETTINGS):
     st = _generate(hm, heads, tree, [PROMPT] * NUM_ROWS, 3, "exact", setting, seed=11 + i)
-    assert (np.asarray(st.num_out_B) == 3).all()
-    _assert_law(st.out_BxC, _conditionals(hm, setting), ("medusa", setting))
+    assert (np.asarray(st.num_generated) == 3).all()
+    _assert_law(st.tokens, _conditionals(hm, setting), ("medusa", setting))
 
 
 def _oracle_ranks(hm):
@@ -356,8 +374,8 @@ def test_exact_sampling_with_oracle_drafts_accepts_often_and_stays_exact(hm):
     st = _generate(hm, heads, tree, [PROMPT] * NUM_ROWS, 3, "exact", setting, seed=21 + i,
                    drafter_factory=factory)
     conds = _conditionals(hm, setting)
-    _assert_law(st.out_BxC, conds, ("oracle", setting))
-    step1 = np.asarray(st.accepted_BxC)[:, 0] - 1  # nodes accepted by the first step
+    _assert_law(st.tokens, conds, ("oracle", setting))
+    step1 = np.asarray(st.accepted)[:, 0] - 1  # nodes accepted by the first step
     ge1, ge2 = _accept_probs(tree, conds, ranks)
     assert ge1 > 0.8 and ge2 > 0.4, (ge1, ge2)  # this drafter really gets accepted
     for got, want in (((step1 >= 1).mean(), ge1), ((step1 >= 2).mean(), ge2)):
@@ -379,17 +397,17 @@ def _autoregressive(hm, setting, seed, cache_len):
   toks = np.zeros((len(prompts), max(len(p) for p in prompts)), np.int32)
   for i, x in enumerate(prompts):
     toks[i, :len(x)] = x
-  engine = _AR_ENGINES.setdefault(id(hm), AutoregressiveEngine(hm.config))  # one compile
+  engine = _AR_ENGINES.setdefault(id(hm), DecodeEngine(hm.config))  # one compile
   out = engine.run(
-      hm.params, toks, np.asarray([len(x) for x in prompts]), np.ones(len(prompts), bool),
+      hm.params, None, toks, np.asarray([len(x) for x in prompts]), np.ones(len(prompts), bool),
       np.arange(len(prompts)), SamplingParams.make(*setting),
       StopCriteria.make(STREAM_TOKENS), seed, cache_len)
   return [out.tokens[b, :STREAM_TOKENS].tolist() for b in range(len(prompts))]
 
 
 def _outputs(st):
-  return [np.asarray(st.out_BxC[b, :int(st.num_out_B[b])]).tolist()
-          for b in range(st.out_BxC.shape[0])]
+  return [np.asarray(st.tokens[b, :int(st.num_generated[b])]).tolist()
+          for b in range(st.tokens.shape[0])]
 
 
 @pytest.fixture(scope="module")
@@ -406,10 +424,10 @@ def test_temperature_zero_exact_and_typical_equal_greedy(hm, stream_case):
           for mode in ("greedy", "exact", "typical")}
   greedy = _outputs(runs["greedy"])
   assert all(len(o) == STREAM_TOKENS for o in greedy)
-  assert np.asarray(runs["greedy"].accepted_BxC).max() >= 2
+  assert np.asarray(runs["greedy"].accepted).max() >= 2
   for mode in ("exact", "typical"):
     assert _outputs(runs[mode]) == greedy, mode
-    np.testing.assert_array_equal(runs[mode].accepted_BxC, runs["greedy"].accepted_BxC)
+    np.testing.assert_array_equal(runs[mode].accepted, runs["greedy"].accepted)
   assert greedy == _autoregressive(hm, (0.0, 0, 1.0), 0, cache_len)
 
 
@@ -423,15 +441,15 @@ def test_exact_and_rejecting_typical_equal_autoregressive_stream(hm, stream_case
   exact = _generate(hm, heads, tree, STREAM_PROMPTS, STREAM_TOKENS, "exact", setting, seed=7,
                     cache_len=cache_len)
   assert _outputs(exact) == ref
-  assert np.asarray(exact.accepted_BxC).max() >= 2  # speculation did accept tokens
+  assert np.asarray(exact.accepted).max() >= 2  # speculation did accept tokens
   none = _generate(hm, heads, tree, STREAM_PROMPTS, STREAM_TOKENS, "typical", setting, seed=7,
                    cache_len=cache_len, posterior_threshold=1e9, posterior_alpha=1e9)
   assert _outputs(none) == ref
-  steps = np.asarray(none.steps_B)
+  steps = np.asarray(none.steps)
   assert (steps == STREAM_TOKENS - 1).all()  # one token per step: nothing was accepted
   typ = _generate(hm, heads, tree, STREAM_PROMPTS, STREAM_TOKENS, "typical", setting, seed=7,
                   cache_len=cache_len)
-  assert np.asarray(typ.steps_B).sum() < steps.sum()  # the default threshold does accept
+  assert np.asarray(typ.steps).sum() < steps.sum()  # the default threshold does accept
 
 
 def test_rows_follow_their_id_not_their_batch_slot(hm, stream_case):
@@ -446,17 +464,12 @@ def test_rows_follow_their_id_not_their_batch_slot(hm, stream_case):
   assert run(STREAM_PROMPTS, 5) != full
 
 
-def test_sampling_modes_need_a_key_and_knobs(hm, stream_case):
+def test_accept_modes_are_checked(hm, stream_case):
   heads, tree = stream_case
-  models = spec.SpecModels(hm.config, heads[0], tree)
   with pytest.raises(ValueError, match="accept mode"):
-    spec.speculative_generate(models, 64, spec.heads_drafter, hm.params, heads[1],
-                              jnp.asarray([PROMPT]), jnp.asarray([4]), jnp.int32(4), STOP_NONE,
-                              accept="nucleus")
-  with pytest.raises(ValueError, match="sampling=SamplingParams"):
-    spec.speculative_generate(models, 64, spec.heads_drafter, hm.params, heads[1],
-                              jnp.asarray([PROMPT]), jnp.asarray([4]), jnp.int32(4), STOP_NONE,
-                              accept="exact")
+    DecodeEngine(hm.config, jnp.float32, heads[0], tree, accept="nucleus")
+  with pytest.raises(ValueError, match="autoregressive decoding samples by itself"):
+    DecodeEngine(hm.config, jnp.float32, accept="exact")
 
 
 # --- the full matrix (slow) ------------------------------------------------------------------
@@ -475,4 +488,4 @@ def test_exact_sampling_law_matrix(hm, arch, tree_name):
   case = 3 * (ARCHS.index(arch) * len(MATRIX_TREES) + MATRIX_TREES.index(tree_name))
   for i, setting in enumerate(SETTINGS):
     st = _generate(hm, heads, tree, [PROMPT] * NUM_ROWS, 3, "exact", setting, seed=100 + case + i)
-    _assert_law(st.out_BxC, _conditionals(hm, setting), (arch, tree_name, setting))
+    _assert_law(st.tokens, _conditionals(hm, setting), (arch, tree_name, setting))

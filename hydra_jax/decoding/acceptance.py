@@ -1,8 +1,10 @@
-"""Acceptance rules for speculative sampling at temperature > 0, as pure jnp functions.
+"""Acceptance rules of speculative decoding, as pure jnp functions of the verify forward.
 
-Three rules decide, from the verify forward's logits, how much of the draft tree to keep and
-which bonus token to emit (the greedy rule lives in `speculative.greedy_accept`):
+Each rule decides, from the base model's logits over the tree, how much of the draft tree to
+keep and which bonus token to emit:
 
+  greedy    temperature 0: per leaf path, the longest prefix whose tokens equal the base
+            argmax at their parent; the longest path wins; the bonus is the argmax after it.
   typical   Medusa's typical acceptance (lossy): a node x is plausible when p(x) > min(eps,
             alpha * exp(-H(p))), p being its parent's base distribution; the longest plausible
             path wins (ties: highest summed log-prob) and the bonus is sampled from the base
@@ -93,10 +95,19 @@ def check_accept_mode(accept: str) -> str:
   return accept
 
 
-def position_keys(seed_key: jax.Array, row_ids_B: jax.Array, index_B: jax.Array) -> jax.Array:
-  """Keys [B] for output index index_B[b] of row row_ids_B[b]: `sampling.row_keys` per row."""
-  return jax.vmap(lambda r, i: jax.random.fold_in(jax.random.fold_in(seed_key, r), i))(
-      row_ids_B, index_B)
+def greedy_accept(tree, tokens_BxN: jax.Array, pred_BxN: jax.Array):
+  """Longest agreeing prefix over the leaf paths.
+
+  pred[b, i] is the base argmax after node i. Returns (accepted count a [B] excluding the root,
+  the chosen path's node indices [B, M] (root first, padding clipped to 0), last node [B]).
+  Padded path slots never count: `valid` masks them before the running product.
+  """
+  return _choose_path(tree, tokens_BxN[:, :] == _parent_pred(tree, pred_BxN), None)
+
+
+def _parent_pred(tree, pred_BxN):
+  """pred at each node's parent (the root's entry is unused)."""
+  return pred_BxN[:, np.maximum(np.asarray(tree.parents), 0)]
 
 
 def children_table(tree) -> np.ndarray:
@@ -117,11 +128,11 @@ def _log_probs(logits_XxV: jax.Array, params: AcceptParams) -> jax.Array:
   return jax.nn.log_softmax(processed, axis=-1)
 
 
-def _choose_path(tree, ok_BxN: jax.Array, score_BxN: jax.Array):
-  """Longest path of ok nodes; ties broken by the summed score of the accepted nodes.
+def _choose_path(tree, ok_BxN: jax.Array, score_BxN):
+  """Longest path of ok nodes; ties broken by the summed score of the accepted nodes (the
+  first longest path when score is None: greedy, where equal-length paths hold equal tokens).
 
-  Returns (a [B], path_nodes [B, M] root first with padding clipped to 0, last node [B]), the
-  same triple as `speculative.greedy_accept` (which is this with all scores equal).
+  Returns (a [B], path_nodes [B, M] root first with padding clipped to 0, last node [B]).
   """
   retrieve = np.asarray(tree.retrieve)
   valid = retrieve >= 0
@@ -129,9 +140,12 @@ def _choose_path(tree, ok_BxN: jax.Array, score_BxN: jax.Array):
   ok = ok_BxN[:, idx[:, 1:]] & valid[None, :, 1:]  # [B, P, M-1]
   run = jnp.cumprod(ok.astype(jnp.int32), axis=-1)
   path_accept = jnp.sum(run, axis=-1)  # [B, P]
-  path_score = jnp.sum(jnp.where(run > 0, score_BxN[:, idx[:, 1:]], 0.0), axis=-1)
-  longest = jnp.max(path_accept, axis=-1, keepdims=True)
-  best = jnp.argmax(jnp.where(path_accept == longest, path_score, -jnp.inf), axis=-1)
+  if score_BxN is None:
+    best = jnp.argmax(path_accept, axis=-1)  # first longest
+  else:
+    path_score = jnp.sum(jnp.where(run > 0, score_BxN[:, idx[:, 1:]], 0.0), axis=-1)
+    longest = jnp.max(path_accept, axis=-1, keepdims=True)
+    best = jnp.argmax(jnp.where(path_accept == longest, path_score, -jnp.inf), axis=-1)
   a = jnp.take_along_axis(path_accept, best[:, None], axis=1)[:, 0]
   path_nodes = jnp.asarray(idx)[best]
   last = jnp.take_along_axis(path_nodes, a[:, None], axis=1)[:, 0]
@@ -235,5 +249,5 @@ def sibling_rejection(probs_BxV: jax.Array, cand_BxK: jax.Array, valid_BxK: jax.
 
 
 __all__ = ["ACCEPT_MODES", "AcceptParams", "DEFAULT_POSTERIOR_ALPHA", "DEFAULT_POSTERIOR_THRESHOLD",
-           "check_accept_mode", "children_table", "exact_accept", "position_keys",
+           "check_accept_mode", "children_table", "exact_accept", "greedy_accept",
            "sibling_rejection", "typical_accept"]
