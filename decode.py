@@ -16,6 +16,15 @@ Speculative decoding with draft heads (ours, or a released Hydra / Medusa checkp
 --json then adds accept_length (tokens per base forward, bonus included) and accepted_per_step.
 Heads recorded for another base model (config or weights) are refused; --allow-heads-mismatch
 loads them anyway when the shapes fit.
+
+Sharded over a device mesh (tensor parallel over "tensor", the batch over "data"), the weights
+read straight into each device's shards:
+
+  python decode.py --model DIR --mesh data=2,tensor=4 --batch-size 8 ...
+
+On several hosts, run the same command on each with --coordinator HOST:PORT
+--num-processes N --process-id I (jax.distributed; the mesh spans every process's devices);
+process 0 prints the results.
 """
 
 from __future__ import annotations
@@ -54,7 +63,9 @@ _TOKEN_ID = _number(int, "a token id >= 0", lambda v: v >= 0)
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--model", required=True, help="Hugging Face model directory")
+  p.add_argument("--model", required=True,
+                 help="a Hugging Face model directory, a llama.cpp FILE.gguf, or a known model's "
+                      "name (python -m hydra_jax.models list), e.g. smollm2")
   src = p.add_mutually_exclusive_group(required=True)
   src.add_argument("--prompt", help="one text prompt")
   src.add_argument("--prompts-file", help='JSONL: {"prompt": TEXT} or {"prompt_ids": [ids]}')
@@ -90,7 +101,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="typical acceptance: eps in p(x) > min(eps, alpha * exp(-H))")
   p.add_argument("--posterior-alpha", type=_NON_NEGATIVE, default=0.3,
                  help="typical acceptance: alpha in p(x) > min(eps, alpha * exp(-H))")
-  return p.parse_args(argv)
+  p.add_argument("--mesh", default=None,
+                 help="decode sharded on a device mesh, e.g. data=2,tensor=4 (data x tensor = "
+                      "the number of devices, of all processes)")
+  p.add_argument("--coordinator", default=None,
+                 help="HOST:PORT of process 0: run as one of --num-processes processes "
+                      "(jax.distributed)")
+  p.add_argument("--num-processes", type=_POSITIVE_INT, default=None)
+  p.add_argument("--process-id", type=_number(int, "an integer >= 0", lambda v: v >= 0),
+                 default=None)
+  args = p.parse_args(argv)
+  given = [x is not None for x in (args.coordinator, args.num_processes, args.process_id)]
+  if any(given) and not all(given):
+    p.error("--coordinator, --num-processes and --process-id go together")
+  return args
 
 
 def read_prompts_file(path: str) -> List[Union[str, List[int]]]:
@@ -139,27 +163,34 @@ def main(argv=None) -> int:
   logger.propagate = False
   # Heavy imports after argument parsing, so --help and usage errors are instant.
   from hydra_jax.checkpoint.hf import CheckpointError
-  from hydra_jax.decoding.api import DecodeInputError, generate, load_model
+  from hydra_jax.decoding.api import DecodeInputError, generate, load_model, resolve_mesh
   from hydra_jax.decoding.tree import TreeError
   from hydra_jax.model.config import UnsupportedModelError
   from hydra_jax.model.heads import HeadsMismatchError
 
-  # Passed only when set: the keyword is newer than the rest of generate's signature.
-  mismatch = {"allow_heads_mismatch": True} if args.allow_heads_mismatch else {}
+  from hydra_jax.models import RegistryError
+  if args.coordinator:
+    import jax
+    jax.distributed.initialize(coordinator_address=args.coordinator,
+                               num_processes=args.num_processes, process_id=args.process_id)
   try:
     prompts = read_prompts_file(args.prompts_file) if args.prompts_file else [args.prompt]
-    model = load_model(args.model, dtype=args.dtype)
+    mesh = resolve_mesh(args.mesh)
+    model = load_model(args.model, dtype=args.dtype, mesh=mesh)
     results = generate(model, prompts, args.max_new_tokens, temperature=args.temperature,
                        top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                        batch_size=args.batch_size, chat=args.chat, stop_ids=args.stop_ids,
                        cache_len=args.cache_len, heads=args.heads, tree=args.tree,
                        mode=args.mode, accept=args.accept,
                        posterior_threshold=args.posterior_threshold,
-                       posterior_alpha=args.posterior_alpha, **mismatch)
+                       posterior_alpha=args.posterior_alpha,
+                       allow_heads_mismatch=args.allow_heads_mismatch, mesh=mesh)
   except (UsageError, DecodeInputError, CheckpointError, UnsupportedModelError, TreeError,
-          HeadsMismatchError) as e:
+          HeadsMismatchError, RegistryError) as e:
     print(f"decode.py: error: {e}", file=sys.stderr)
     return 2
+  if args.coordinator and args.process_id != 0:
+    return 0  # every process holds the same results; process 0 prints them
 
   for r in results:
     if args.json:

@@ -64,9 +64,14 @@ def _parse(argv=None) -> argparse.Namespace:
   p.add_argument("--repeats", type=int, default=5, help="timed loops per candidate (median)")
   p.add_argument("--no-breakdown", action="store_true", help="time whole steps only")
   p.add_argument("--lm-head", choices=["own", "base"], default=None,
-                 help="random heads: own LM heads (default) or the base's shared one")
+                 help="random heads (also for the embedded model): own LM heads or the base's "
+                      "shared one")
   p.add_argument("--draft-vocab", type=int, default=0,
-                 help="random heads: draft vocabulary size (0 = full vocabulary)")
+                 help="random heads (also for the embedded model): draft vocabulary size "
+                      "(0 = full vocabulary)")
+  p.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"], default=["float32"],
+                 help="weights and matmul inputs (products accumulate in f32); several are "
+                      "timed interleaved in one process")
   p.add_argument("--out", default=None, help="write the rows as JSON here")
   p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   return p.parse_args(argv)
@@ -89,14 +94,16 @@ def _trees(specs, heads_cfg, heads_dir):
   return out
 
 
-def _random_model(name: str):
+def _random_model(name: str, dtype: str):
   import jax
+  import jax.numpy as jnp
   from hydra_jax.checkpoint.hf import HFModel
   from hydra_jax.model.config import ModelConfig
   from hydra_jax.model.llama import init_params
   cfg = ModelConfig(**RANDOM_MODELS[name], rms_norm_eps=1e-5, max_position_embeddings=2048)
-  params = jax.jit(lambda r: init_params(cfg, r))(jax.random.PRNGKey(0))
-  return HFModel(config=cfg, params=params, tokenizer=None, path=name)
+  dt = jnp.dtype(dtype)
+  params = jax.jit(lambda r: init_params(cfg, r, param_dtype=dt))(jax.random.PRNGKey(0))
+  return HFModel(config=cfg, params=params, tokenizer=None, path=name, dtype=dt)
 
 
 def _random_heads(model, kind, lm_head, draft_vocab):
@@ -105,7 +112,8 @@ def _random_heads(model, kind, lm_head, draft_vocab):
   cfg = HeadsConfig.for_base(model.config, KINDS[kind], num_heads=4,
                              num_layers=4 if kind == "hydra_pp" else 1, lm_head=lm_head or "own",
                              draft_vocab=tuple(range(draft_vocab)))
-  return cfg, init_heads(cfg, model.config, model.params, jax.random.PRNGKey(1))
+  params = init_heads(cfg, model.config, model.params, jax.random.PRNGKey(1))
+  return cfg, jax.tree_util.tree_map(lambda x: x.astype(model.dtype), params)
 
 
 def _partial_step(engine, upto: str):
@@ -138,7 +146,7 @@ def _partial_step(engine, upto: str):
       if upto == "accept":
         return s.replace(cache=cache, last_token=bonus + a)
       commit = jnp.where(~s.done, a + 1, 0)
-      cache = cache.gather(lengths[:, None] + path, commit)
+      cache = spec.commit_kv(models.tree, cache, lengths, path, commit)
       if upto == "commit":
         return s.replace(cache=cache, last_token=bonus)
       context, prefix_cache = spec.next_context(models, heads_params, s.spec, hidden, path, a,
@@ -167,65 +175,71 @@ def _ar_forward_only(engine):
 
 
 def measure(args) -> List[Dict[str, Any]]:
-  from hydra_jax import embedded
-  from hydra_jax.decoding.api import load_draft_heads, load_model
-  from hydra_jax.decoding.engine import DecodeEngine
-  from hydra_jax.decoding.step_timing import interleaved_medians, steady_state_timer
+  from hydra_jax.decoding.step_timing import interleaved_medians
   import jax
 
   rows = []
   for name in args.models:
-    if name == "embedded":
-      model = load_model(embedded.MODEL_DIR)
-      heads = {k: (load_draft_heads(model, d), d) for k, d in embedded.heads_dirs().items()
-               if k in args.heads}
-    else:
-      model = _random_model(name)
-      heads = {k: (_random_heads(model, k, args.lm_head, args.draft_vocab), None)
-               for k in args.heads}
-    cache_len = -(-(args.context + 128) // 128) * 128
-    ar = DecodeEngine(model.config, model.dtype)
-    cands = [("autoregressive", "-", 1, "forward",
-              steady_state_timer(ar, model.params, None, args.context, cache_len, 1, args.iters,
-                                 _ar_forward_only(ar))),
-             ("autoregressive", "-", 1, "step",
-              steady_state_timer(ar, model.params, None, args.context, cache_len, 1, args.iters))]
-    for kind, ((hcfg, hparams), hdir) in heads.items():
-      for tree in _trees(args.trees, hcfg, hdir):
-        engine = DecodeEngine(model.config, model.dtype, hcfg, tree)
-        phases = ("step",) if args.no_breakdown else PHASES
-        for phase in phases:
-          if phase == "prefix" and not hcfg.prefix_layer:
-            continue  # g is a slice of the verify forward's hidden states: nothing to time
-          make = None if phase == "step" else _partial_step(engine, phase)
-          cands.append((kind, tree.name, tree.num_nodes, phase,
-                        steady_state_timer(engine, model.params, hparams, args.context,
-                                           cache_len, 1, args.iters, make)))
-      print(f"# {name}: compiled {kind}", file=sys.stderr, flush=True)
+    cands = []
+    for dtype in args.dtypes:
+      cands += _candidates(args, name, dtype)
     times = interleaved_medians([c[-1] for c in cands], args.repeats)
-    for (kind, tree, size, phase, _), t in zip(cands, times):
-      rows.append(dict(model=name, params_m=model.config.num_params / 1e6,
+    for (model, dtype, kind, tree, size, phase, _), t in zip(cands, times):
+      rows.append(dict(model=name, params_m=model.config.num_params / 1e6, dtype=dtype,
                        threads=os.environ.get("HYDRA_BENCH_THREADS", "default"), kind=kind,
                        tree=tree, size=size, phase=phase, ms=t * 1e3,
                        device=jax.devices()[0].device_kind))
   return rows
 
 
+def _candidates(args, name: str, dtype: str):
+  """(model, dtype, kind, tree, size, phase, timer) for every row of one model and dtype."""
+  from hydra_jax import embedded
+  from hydra_jax.decoding.api import load_draft_heads, load_model
+  from hydra_jax.decoding.engine import DecodeEngine
+  from hydra_jax.decoding.step_timing import steady_state_timer
+  model = (load_model(embedded.MODEL_DIR, dtype=dtype) if name == "embedded"
+           else _random_model(name, dtype))
+  if name == "embedded" and not (args.lm_head or args.draft_vocab):
+    heads = {k: (load_draft_heads(model, d), d) for k, d in embedded.heads_dirs().items()
+             if k in args.heads}
+  else:  # random heads with the asked-for LM-head options (step costs do not need weights)
+    heads = {k: (_random_heads(model, k, args.lm_head, args.draft_vocab), None)
+             for k in args.heads}
+  cache_len = -(-(args.context + 128) // 128) * 128
+  timer = lambda engine, hp, make=None: steady_state_timer(
+      engine, model.params, hp, args.context, cache_len, 1, args.iters, make)
+  ar = DecodeEngine(model.config, model.dtype)
+  cands = [(model, dtype, "autoregressive", "-", 1, "forward", timer(ar, None, _ar_forward_only(ar))),
+           (model, dtype, "autoregressive", "-", 1, "step", timer(ar, None))]
+  for kind, ((hcfg, hparams), hdir) in heads.items():
+    for tree in _trees(args.trees, hcfg, hdir):
+      engine = DecodeEngine(model.config, model.dtype, hcfg, tree)
+      for phase in ("step",) if args.no_breakdown else PHASES:
+        if phase == "prefix" and not hcfg.prefix_layer:
+          continue  # g is a slice of the verify forward's hidden states: nothing to time
+        make = None if phase == "step" else _partial_step(engine, phase)
+        cands.append((model, dtype, kind, tree.name, tree.num_nodes, phase,
+                      timer(engine, hparams, make)))
+    print(f"# {name} {dtype}: compiled {kind}", file=sys.stderr, flush=True)
+  return cands
+
+
 # --- the table -------------------------------------------------------------------------------
 
 
 def table(rows: List[Dict[str, Any]]) -> str:
-  head = ("| model | threads | heads | tree (tokens) | AR step ms | draft | verify | accept | "
-          "commit | prefix | bookkeeping | spec step ms | spec/AR |")
-  lines = [head, "|" + "---|" * 13]
+  head = ("| model | dtype | threads | heads | tree (tokens) | AR step ms | draft | verify | "
+          "accept | commit | prefix | bookkeeping | spec step ms | spec/AR |")
+  lines = [head, "|" + "---|" * 14]
   groups: Dict[tuple, Dict[str, float]] = {}
   for r in rows:
-    groups.setdefault((r["model"], r["threads"], r["kind"], r["tree"], r["size"]),
+    groups.setdefault((r["model"], r["dtype"], r["threads"], r["kind"], r["tree"], r["size"]),
                       {})[r["phase"]] = r["ms"]
-  for (model, threads, kind, tree, size), ph in groups.items():
+  for (model, dtype, threads, kind, tree, size), ph in groups.items():
     if kind == "autoregressive":
       continue
-    ar = groups[(model, threads, "autoregressive", "-", 1)]["step"]
+    ar = groups[(model, dtype, threads, "autoregressive", "-", 1)]["step"]
     parts, prev = [], 0.0
     for phase in PHASES:
       if phase in ph:
@@ -235,15 +249,14 @@ def table(rows: List[Dict[str, Any]]) -> str:
         parts.append("-")
     if len([p for p in parts if p != "-"]) == 1:  # --no-breakdown
       parts = ["-"] * (len(PHASES) - 1) + ["-"]
-    lines.append(f"| {model} | {threads} | {kind} | {tree} ({size}) | {ar:.2f} | "
+    lines.append(f"| {model} | {dtype} | {threads} | {kind} | {tree} ({size}) | {ar:.2f} | "
                  + " | ".join(parts) + f" | {ph['step']:.2f} | {ph['step'] / ar:.2f} |")
-  ars = {(r["model"], r["threads"]): r for r in rows if r["kind"] == "autoregressive"}
+  ars = {(r["model"], r["dtype"], r["threads"]): r for r in rows if r["kind"] == "autoregressive"}
   notes = []
-  for (model, threads), _ in ars.items():
-    fwd = groups[(model, threads, "autoregressive", "-", 1)]
-    notes.append(f"{model} ({rows[[r['model'] for r in rows].index(model)]['params_m']:.1f}M "
-                 f"params), {threads} thread(s): AR step {fwd['step']:.2f} ms, of which the "
-                 f"one-token forward {fwd['forward']:.2f} ms")
+  for (model, dtype, threads), r in ars.items():
+    fwd = groups[(model, dtype, threads, "autoregressive", "-", 1)]
+    notes.append(f"{model} ({r['params_m']:.1f}M params) {dtype}, {threads} thread(s): AR step "
+                 f"{fwd['step']:.2f} ms, of which the one-token forward {fwd['forward']:.2f} ms")
   return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes)
 
 

@@ -29,7 +29,10 @@ identical inputs (lossless decoding would have produced that answer anyway). --p
 raw (the text as is), chat (the tokenizer's chat template) or vicuna_v1.1 (FastChat's Vicuna
 template, for Vicuna bases without a chat template).
 
-Writes OUTDIR/results.md (also printed), OUTDIR/results.json and OUTDIR/results.png.
+Writes OUTDIR/results.md (also printed), OUTDIR/results.json, OUTDIR/results.png and, per
+method, OUTDIR/specbench/METHOD.jsonl: Spec-Bench answer records (per turn new_tokens,
+wall_time; per step accept_lengths), so Spec-Bench's `evaluation/speed.py --file-path
+specbench/Hydra++.jsonl --base-path specbench/autoregressive.jsonl` reads them.
 Nothing here assumes a CPU: run it unchanged on a GPU/TPU with --dtype bfloat16.
 """
 
@@ -39,6 +42,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import statistics
 import sys
 import time
@@ -447,15 +451,67 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
   }
   outputs = []
   for j, ((turn, i), r) in enumerate(zip(methods[0].labels, methods[0].results)):
+    runs = {}
+    for m in methods:
+      res = m.results[j]
+      runs[m.name] = {"text": res.text, "new_tokens": res.new_tokens, "time_s": res.time_s,
+                      "accepted_per_step": list(res.extra.get("accepted_per_step")
+                                                or [1] * max(res.new_tokens - 1, 0))}
     outputs.append({"turn": turn + 1, "prompt": i, "prompt_tokens": len(r.prompt_ids),
                     "text": r.text, "new_tokens": r.new_tokens,
                     "accept_length": {m.name: m.results[j].extra.get("accept_length")
-                                      for m in methods[1:]}})
-  return {"setup": setup, "methods": rows, "outputs": outputs}
+                                      for m in methods[1:]}, "runs": runs})
+  return {"setup": setup, "methods": rows, "outputs": outputs,
+          "prompt_meta": prompt_meta(args.prompts, len(entries))}
+
+
+def prompt_meta(path: str, count: int) -> List[Dict[str, Any]]:
+  """question_id / category of each entry of a JSONL prompts file (MT-Bench has both)."""
+  out = []
+  try:
+    with open(path, encoding="utf-8") as f:
+      for line in f:
+        if line.strip():
+          obj = json.loads(line)
+          out.append({"question_id": obj.get("question_id", len(out)),
+                      "category": obj.get("category")} if isinstance(obj, dict) else {})
+  except (OSError, json.JSONDecodeError):
+    pass
+  out += [{"question_id": i, "category": None} for i in range(len(out), count)]
+  return out[:count]
+
+
+def specbench_records(report: Dict[str, Any], method: str) -> List[Dict[str, Any]]:
+  """One Spec-Bench answer record per prompt for `method` (evaluation/speed.py reads them).
+
+  Per turn: new_tokens and wall_time (its batch's time: rows of a batch share it, so use
+  batch 1 for per-question times); accept_lengths: the tokens each step emitted (bonus
+  included), all turns in order; AR steps emit 1.
+  """
+  per_prompt: Dict[int, Dict[str, Any]] = {}
+  for out in report["outputs"]:
+    rec = per_prompt.setdefault(out["prompt"], {
+        **report["prompt_meta"][out["prompt"]], "answer_id": f"{method}-{out['prompt']}",
+        "model_id": method, "choices": [{"index": 0, "turns": [], "new_tokens": [],
+                                         "wall_time": [], "accept_lengths": []}]})
+    run = out["runs"][method]
+    choice = rec["choices"][0]
+    choice["turns"].append(run["text"])
+    choice["new_tokens"].append(run["new_tokens"])
+    choice["wall_time"].append(run["time_s"])
+    choice["accept_lengths"].extend(run["accepted_per_step"])
+  return [per_prompt[k] for k in sorted(per_prompt)]
 
 
 def write_outputs(report: Dict[str, Any], out_dir: str) -> str:
   os.makedirs(out_dir, exist_ok=True)
+  spec_dir = os.path.join(out_dir, "specbench")
+  os.makedirs(spec_dir, exist_ok=True)
+  for row in report["methods"]:
+    name = re.sub(r"[^A-Za-z0-9_.+-]+", "_", row["name"]).strip("_")
+    with open(os.path.join(spec_dir, f"{name}.jsonl"), "w") as f:
+      for rec in specbench_records(report, row["name"]):
+        f.write(json.dumps(rec) + "\n")
   md = markdown_table(report["methods"], report["setup"])
   with open(os.path.join(out_dir, "results.md"), "w") as f:
     f.write(md)
@@ -488,8 +544,8 @@ def main(argv=None) -> int:
     return 2
   md = write_outputs(report, args.out)
   print(md)
-  print(f"wrote {os.path.join(args.out, 'results.md')}, results.json, results.png",
-        file=sys.stderr)
+  print(f"wrote {os.path.join(args.out, 'results.md')}, results.json, results.png and "
+        f"specbench/METHOD.jsonl (Spec-Bench's evaluation/speed.py format)", file=sys.stderr)
   return 0
 
 

@@ -8,7 +8,11 @@ same training split and never the held-out tail, and the benchmark's prompts com
 tail, so both take the split from here rather than re-deriving it.
 
   python -m hydra_jax.embedded --write-prompts data/shakespeare_heldout_prompts.jsonl
+  python -m hydra_jax.embedded --self-distill      # the heads' training data (~7 min on CPU)
   python -m hydra_jax.embedded --ship-heads /work/embedded_heads/hydra_pp/heads hydra_pp
+
+The heads are trained on the base model's own greedy continuations of speeches from the
+training split (self-distillation): that is the text they draft for at decode time.
 """
 
 from __future__ import annotations
@@ -129,8 +133,72 @@ def heldout_prompts(count: int = 32, lines: int = 3, min_chars: int = 60) -> Lis
   return [candidates[int(i * step)] for i in range(count)]
 
 
-def write_prompts(path: str, count: int = 32, lines: int = 3) -> int:
-  prompts = heldout_prompts(count, lines)
+SELF_DISTILL_PROMPTS = 2400  # speeches from the training split
+SELF_DISTILL_NEW_TOKENS = 224  # greedy tokens per speech: ~0.5M training tokens in all
+
+
+def self_distill_prompts(count: int = SELF_DISTILL_PROMPTS, seed: int = 0) -> List[str]:
+  """Speech openings from the TRAINING split: a speaker line and 1-3 verse lines, shuffled
+  deterministically and distinct; the plain template adds the newline the held-out prompts
+  end with, so training contexts look like the benchmark's."""
+  import random
+  train, _ = split_corpus()
+  lines = train.split("\n")
+  speakers = [i for i, line in enumerate(lines) if re.fullmatch(r"[A-Z][A-Za-z' ]*:", line)]
+  rng = random.Random(seed)
+  seen: Dict[str, None] = {}
+  while len(seen) < count:
+    i = rng.choice(speakers)
+    body = []
+    for line in lines[i + 1:i + 1 + rng.randint(1, 3)]:
+      if not line.strip():
+        break
+      body.append(line)
+    if body:
+      seen.setdefault(lines[i] + "\n" + "\n".join(body))
+  return list(seen)
+
+
+def self_distill_file(directory: Optional[str] = None) -> str:
+  """Where `--self-distill` writes the heads' training data (ShareGPT JSONL, plain template)."""
+  return os.path.join(directory or cache_dir(), "tiny_shakespeare_selfdistill_v1.jsonl")
+
+
+def write_self_distill(path: Optional[str] = None, count: int = SELF_DISTILL_PROMPTS,
+                       max_new_tokens: int = SELF_DISTILL_NEW_TOKENS, batch_size: int = 32) -> str:
+  """The base answers `count` training-split prompts greedily; written atomically to `path`."""
+  from hydra_jax.training.self_distill import self_distill
+  path = path or self_distill_file()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  prompts = [{"id": str(i), "system": None, "turns": [p]}
+             for i, p in enumerate(self_distill_prompts(count))]
+  tmp = f"{path}.{os.getpid()}.tmp"
+  self_distill(MODEL_DIR, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+               template="plain", out_path=tmp)
+  os.replace(tmp, path)
+  return path
+
+
+def require_self_distill_file() -> str:
+  """The training data path for the embedded heads' configs, or an error naming the fix."""
+  path = self_distill_file()
+  if not os.path.isfile(path):
+    raise EmbeddedAssetError(f"{path} does not exist: write the heads' training data first with "
+                             f"`python -m hydra_jax.embedded --self-distill` (~7 min on CPU)")
+  return path
+
+
+CALIBRATION_SEED = 1  # training-split speeches other than the self-distillation order's
+
+
+def calibration_prompts(count: int = 32) -> List[str]:
+  """Training-split speech openings for fitting trees (`tree_fit --prompts`): the held-out
+  prompts are the benchmark's and never fit anything. Each ends with a newline, as those do."""
+  return [p + "\n" for p in self_distill_prompts(count, seed=CALIBRATION_SEED)]
+
+
+def write_prompts(path: str, count: int = 32, lines: int = 3, calibration: bool = False) -> int:
+  prompts = calibration_prompts(count) if calibration else heldout_prompts(count, lines)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w", encoding="utf-8") as f:
     for p in prompts:
@@ -139,25 +207,11 @@ def write_prompts(path: str, count: int = 32, lines: int = 3) -> int:
 
 
 def ship_heads(src: str, kind: str, root: Optional[str] = None) -> str:
-  """Copies trained heads (train.py's WORKDIR/heads) into the package, stored as bfloat16.
-
-  bf16 halves the ~63 MB of f32 heads; `load_heads` casts them back (to f32 by default).
-  The training metadata (steps, eval metrics) is kept in heads_config.json's "extra".
-  """
-  from hydra_jax.checkpoint.heads_io import load_heads, read_heads_meta, save_heads
-  from hydra_jax.model.config import ModelConfig
+  """Copies trained heads (train.py's WORKDIR/heads) into the package as bfloat16."""
+  from hydra_jax.checkpoint.heads_io import ship_heads as ship
   if kind not in HEAD_KINDS:
     raise ValueError(f"kind must be one of {', '.join(HEAD_KINDS)}, got {kind!r}")
-  meta = read_heads_meta(src)
-  saved_base = (meta.get("base") or {}).get("config")
-  base_cfg = ModelConfig.from_dict(saved_base) if saved_base else None
-  cfg, params = load_heads(src, base_cfg)
-  extra = dict(meta.get("extra") or {})
-  extra.pop("model_path", None)  # a path on the training machine, meaningless once shipped
-  extra["trained_param_dtype"] = meta.get("param_dtype", "float32")
-  dst = os.path.join(root or HEADS_ROOT, kind)
-  save_heads(dst, params, cfg, extra_meta=extra, base_cfg=base_cfg, param_dtype="bfloat16")
-  return dst
+  return ship(src, os.path.join(root or HEADS_ROOT, kind))
 
 
 def directory_bytes(path: str) -> int:
@@ -169,9 +223,14 @@ if __name__ == "__main__":
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--write-prompts", metavar="FILE", default=None,
                   help="write held-out prompts as JSONL {\"prompt\": text}")
+  ap.add_argument("--write-calibration-prompts", metavar="FILE", default=None,
+                  help="write --count TRAINING-split prompts for tree fitting (JSONL)")
   ap.add_argument("--count", type=int, default=32)
   ap.add_argument("--lines", type=int, default=3, help="verse lines after the speaker line")
   ap.add_argument("--train-file", action="store_true", help="print the training-split file path")
+  ap.add_argument("--self-distill", nargs="?", const="", default=None, metavar="FILE",
+                  help="write the heads' training data: the base's greedy continuations of "
+                       "training-split speeches (default FILE: the cache path the configs read)")
   ap.add_argument("--ship-heads", nargs=2, metavar=("SRC", "KIND"), default=None,
                   help=f"store trained heads SRC as bf16 in {HEADS_ROOT}/KIND "
                        f"(KIND: {', '.join(HEAD_KINDS)})")
@@ -182,5 +241,12 @@ if __name__ == "__main__":
   if args.write_prompts:
     print(f"{write_prompts(args.write_prompts, args.count, args.lines)} prompts -> "
           f"{args.write_prompts}")
+  if args.write_calibration_prompts:
+    n = write_prompts(args.write_calibration_prompts, args.count, calibration=True)
+    print(f"{n} calibration prompts -> {args.write_calibration_prompts}")
   if args.train_file:
     print(train_split_file())
+  if args.self_distill is not None:
+    import logging
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    print(write_self_distill(args.self_distill or None))

@@ -281,12 +281,21 @@ def main(argv: Optional[List[str]] = None) -> int:
   which = p.add_mutually_exclusive_group()
   which.add_argument("--heads", choices=HEAD_KINDS, help="print its shipped draft heads directory")
   which.add_argument("--gguf", action="store_true", help="print the cached original .gguf file")
+  ship = sub.add_parser("ship-heads", help="store trained heads (bf16) in the package, where "
+                                           "`path NAME --heads KIND` finds them")
+  ship.add_argument("name", help=f"one of: {', '.join(sorted(REGISTRY))}")
+  ship.add_argument("src", help="train.py's WORKDIR/heads")
+  ship.add_argument("kind", choices=HEAD_KINDS)
   args = ap.parse_args(argv)
   if args.command == "list":
     print(_listing())
     return 0
   try:
-    if args.gguf:
+    if args.command == "ship-heads":
+      from hydra_jax.checkpoint.heads_io import ship_heads
+      out = ship_heads(args.src, os.path.join(PACKAGE_DIR, "assets", get_spec(args.name).assets,
+                                              "heads", args.kind))
+    elif args.gguf:
       out = gguf_path(args.name)
     else:
       out = model_path(args.name, heads=args.heads)

@@ -48,9 +48,14 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}MENENIUS:\n{% endif %}")
 
 
+def _corpus() -> str:
+  from hydra_jax.embedded import corpus_path
+  return corpus_path()
+
+
 @dataclasses.dataclass
 class PretrainConfig:
-  data: str = "data/tinyshakespeare.txt"
+  data: str = ""  # "" = the repository's TinyShakespeare (embedded.corpus_path())
   workdir: str = "/tmp/pretrain_run"  # tokenizer, checkpoint, metrics; export goes to export_dir
   export_dir: Optional[str] = None  # None = <workdir>/export
   export_dtype: str = "float16"  # "float16" | "bfloat16" | "float32"
@@ -250,7 +255,7 @@ def load_state(path: str, params, opt_state):
 def prepare_data(cfg: PretrainConfig):
   """(tokenizer, train ids, val ids, split facts); the tokenizer is reused from the workdir."""
   from transformers import PreTrainedTokenizerFast
-  with open(cfg.data, encoding="utf-8") as f:
+  with open(cfg.data or _corpus(), encoding="utf-8") as f:
     text = f.read()
   train_text, val_text = split_text(text, cfg.val_fraction)
   tok_dir = os.path.join(cfg.workdir, "tokenizer")

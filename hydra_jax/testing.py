@@ -27,13 +27,12 @@ SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 
 
 def _corpus_text(max_chars: int = 200_000) -> str:
-  here = os.path.dirname(os.path.abspath(__file__))
-  for cand in (os.path.join(here, "..", "..", "shared", "data", "tinyshakespeare.txt"),
-               os.path.join(here, "..", "data", "tinyshakespeare.txt")):
-    if os.path.isfile(cand):
-      with open(cand) as f:
-        return f.read(max_chars)
-  return FALLBACK_TEXT * 50
+  from hydra_jax.embedded import EmbeddedAssetError, corpus_path
+  try:
+    with open(corpus_path(), encoding="utf-8") as f:
+      return f.read(max_chars)
+  except EmbeddedAssetError:
+    return FALLBACK_TEXT * 50
 
 
 @functools.lru_cache(maxsize=8)

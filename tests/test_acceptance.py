@@ -20,6 +20,7 @@ the statistical tests use a different seed per case so that their samples are in
 """
 
 import dataclasses
+from typing import Tuple
 
 import numpy as np
 import jax
@@ -75,6 +76,41 @@ def _heads(hm, arch, seed=1, scale=0.3):
       noise = noise + base_lm
     out.append(jnp.asarray(noise, leaf.dtype))
   return cfg, jax.tree_util.tree_unflatten(treedef, out)
+
+
+def sibling_rejection(probs_BxV: jax.Array, cand_BxK: jax.Array, valid_BxK: jax.Array,
+                      keys_B: jax.Array) -> Tuple[jax.Array, jax.Array]:
+  """The multi-draft rejection recursion at one node, written out: the textbook reference that
+  `acceptance.exact_accept` implements in closed form (see that module's docstring).
+
+  probs: the base distribution p; cand: the point-mass drafts in the order they are tried;
+  valid: which drafts exist. Returns (index of the accepted draft or -1, the token produced:
+  the accepted draft or a sample of the residual). Its law equals drawing y ~ p and taking the
+  first draft equal to y (module docstring), which is what `exact_accept` does.
+  """
+  k = cand_BxK.shape[1]
+  sub = jax.vmap(lambda key: jax.random.split(key, k + 1))(keys_B)  # [B, K + 1]
+  residual = probs_BxV.astype(jnp.float32)
+  alive = jnp.ones(cand_BxK.shape[:1], bool)
+  choice = jnp.full(cand_BxK.shape[:1], -1, jnp.int32)
+  token = jnp.zeros(cand_BxK.shape[:1], jnp.int32)
+  for i in range(k):
+    x = cand_BxK[:, i]
+    px = jnp.take_along_axis(residual, x[:, None], axis=1)[:, 0]
+    u = jax.vmap(jax.random.uniform)(sub[:, i])
+    accept = alive & valid_BxK[:, i] & (u < px)  # min(1, r(x) / q(x)) with q(x) = 1
+    choice = jnp.where(accept, i, choice)
+    token = jnp.where(accept, x, token)
+    reject = alive & valid_BxK[:, i] & ~accept
+    # r <- normalise(max(r - onehot(x), 0)): x's mass removed.
+    removed = jnp.where(jnp.arange(residual.shape[1])[None, :] == x[:, None], 0.0, residual)
+    total = jnp.sum(removed, axis=-1, keepdims=True)
+    removed = jnp.where(total > 0, removed / jnp.where(total > 0, total, 1.0), residual)
+    residual = jnp.where(reject[:, None], removed, residual)
+    alive = alive & ~accept
+  drawn = jax.vmap(jax.random.categorical)(sub[:, k], jnp.log(residual))
+  token = jnp.where(alive, drawn.astype(jnp.int32), token)
+  return choice, token
 
 
 _ENGINES = {}
@@ -212,7 +248,7 @@ def test_sibling_rejection_produces_p_and_accepts_x_i_with_prob_p_x_i():
   cand = np.array([3, 1, 3, 6, 0])  # a duplicate (never accepted) and an invalid slot
   valid = np.array([True, True, True, True, False])
   n = 100_000
-  choice, token = jax.jit(ss.sibling_rejection)(
+  choice, token = jax.jit(sibling_rejection)(
       jnp.broadcast_to(jnp.asarray(p, jnp.float32), (n, 8)),
       jnp.broadcast_to(jnp.asarray(cand, jnp.int32), (n, 5)),
       jnp.broadcast_to(jnp.asarray(valid), (n, 5)), jax.random.split(jax.random.key(3), n))

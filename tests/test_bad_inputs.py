@@ -6,7 +6,7 @@ traceback (nor orbax's "Event loop is closed" noise), and that no input or check
 (sha256 of every file before and after). The training cases share one tiny run (a single
 Medusa head, 16-token rows, 4 steps) and a persistent compilation cache.
 
-The decode-side library checks the lead implements are here too, as xfail until they land.
+The decode-side library checks (generate's argument validation) are here too.
 """
 
 import contextlib
@@ -28,7 +28,6 @@ DECODE = os.path.join(REPO_ROOT, "decode.py")
 TINY_CONFIG = os.path.join(REPO_ROOT, "configs", "tiny_cpu.py")
 MODEL = embedded.MODEL_DIR
 SHIPPED_HEADS = os.path.join(embedded.HEADS_ROOT, "medusa")
-LEAD = pytest.mark.xfail(reason="lead: decoding validation", strict=False)
 
 # The smallest run of the tiny config: one Medusa head, short rows, checkpoints at 2 and 4.
 TINY_RUN = ["--config.num_steps=4", "--config.checkpoint_every=2", "--config.keep_checkpoints=2",
@@ -351,8 +350,6 @@ def twin_model(tmp_path_factory):
   return str(path)
 
 
-@pytest.mark.xfail(reason="lead: load_draft_heads passes base_params to load_heads",
-                   strict=False)
 def test_decode_refuses_heads_for_other_weights(env, twin_model):
   args = ["--model", twin_model, "--max-new-tokens", "4", "--prompt", "ROMEO:", "--heads",
           SHIPPED_HEADS]
@@ -365,7 +362,6 @@ def test_decode_refuses_heads_for_other_weights(env, twin_model):
   assert proc.returncode == 0 and "loading them anyway" in proc.stderr, proc.stderr[-3000:]
 
 
-@LEAD
 def test_decode_tree_rank_beyond_the_vocabulary(env, tmp_path):
   tree = tmp_path / "tree.json"
   tree.write_text(json.dumps([[0], [2048]]))  # the embedded vocabulary has 2048 tokens
@@ -388,7 +384,6 @@ def _heads_tuple():
   return cfg, params
 
 
-@LEAD
 @pytest.mark.parametrize("case", ["none_prompt", "float_token", "float_max_new", "nan_temperature",
                                   "negative_stop_id", "heads_tuple_of_three", "heads_not_a_pair"])
 def test_generate_rejects_bad_arguments(model, case):

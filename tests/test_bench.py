@@ -125,6 +125,21 @@ def test_bench_runs_and_reports(setup, capsys):
   assert [o["prompt_tokens"] for o in outputs[2:]] == [len(x) for x in ids]
   assert [o["text"] for o in outputs[2:]] == [r.text for r in second]
 
+  # Spec-Bench answer files, one per method, as its evaluation/speed.py reads them: per
+  # question, per turn new_tokens / wall_time; accept_lengths per step (AR: all 1).
+  for name, row in rows.items():
+    recs = [json.loads(x) for x in (out / "specbench" / f"{name}.jsonl").read_text().splitlines()]
+    assert [r["question_id"] for r in recs] == [0, 1]
+    choices = [r["choices"][0] for r in recs]
+    assert sum(sum(c["new_tokens"]) for c in choices) == row["new_tokens"]
+    assert all(len(c["turns"]) == len(c["new_tokens"]) == len(c["wall_time"]) == 2
+               for c in choices)
+    assert [c["turns"][0] for c in choices] == [r.text for r in first]  # lossless, every method
+    steps = [a for c in choices for a in c["accept_lengths"]]
+    assert len(steps) == row["steps"] and all(1 <= a <= row["depth"] + 1 for a in steps)
+    speed = np.mean([sum(c["new_tokens"]) / sum(c["wall_time"]) for c in choices])
+    assert speed > 0
+
 
 def test_prompt_formats(tmp_path):
   mt = tmp_path / "mt.jsonl"

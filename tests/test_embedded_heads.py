@@ -48,18 +48,35 @@ def test_training_split_excludes_the_held_out_text():
   assert long_lines and not [x for x in long_lines if x in train]
 
 
-def test_configs_point_at_the_training_split():
+def test_configs_train_on_self_distilled_training_split(tmp_path, monkeypatch):
+  """The three configs share one recipe on the base's greedy replies to TRAINING speeches."""
   from hydra_jax.training.config_base import REPO_ROOT
   import importlib.util
-  for kind in embedded.HEAD_KINDS:
+  monkeypatch.setenv("HYDRA_CACHE", str(tmp_path))
+
+  def load(kind):
     spec = importlib.util.spec_from_file_location(
         kind, os.path.join(REPO_ROOT, "configs", f"embedded_{kind}.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    cfg = mod.get_config()
-    assert cfg.data.source == "text" and cfg.data.path == embedded.train_split_file()
+    return mod.get_config()
+
+  with pytest.raises(embedded.EmbeddedAssetError, match="--self-distill"):
+    load("hydra")
+  open(embedded.self_distill_file(), "w").close()
+  cfgs = {kind: load(kind) for kind in embedded.HEAD_KINDS}
+  for kind, cfg in cfgs.items():
+    assert cfg.data.source == "sharegpt" and cfg.data.template == "plain"
+    assert cfg.heads.lm_head == "own" and cfg.heads.draft_vocab_size == 1024
+    assert cfg.data.path == embedded.self_distill_file()
     assert cfg.model_path == embedded.MODEL_DIR and cfg.heads.num_heads == 4
     assert cfg.train.loss == ("teacher" if kind == "hydra_pp" else "hard")
+  shared = lambda c: (c.num_steps, c.global_batch_size, c.seq_len, c.optimizer.to_dict())
+  assert len({repr(shared(c)) for c in cfgs.values()}) == 1
+  train, heldout = embedded.split_corpus()
+  prompts = embedded.self_distill_prompts(300)
+  assert len(set(prompts)) == 300 and all(p in train for p in prompts)
+  assert prompts == embedded.self_distill_prompts(300)  # deterministic
 
 
 @needs_model

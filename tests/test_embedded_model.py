@@ -24,11 +24,12 @@ transformers = pytest.importorskip("transformers")
 import hydra_jax  # noqa: E402
 from hydra_jax.checkpoint.hf import load_hf_model  # noqa: E402
 from hydra_jax.model.llama import LlamaModel  # noqa: E402
+from hydra_jax import embedded  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(hydra_jax.__file__)), "assets",
                       "tiny_shakespeare")
-DATA = os.path.join(REPO, "data", "tinyshakespeare.txt")
+DATA = embedded.corpus_path()
 MAX_BYTES = 30 * 1024 * 1024
 LINE = "ROMEO:\nBut, soft! what light through yonder window breaks?\nIt is the east, and Juliet is the sun."
 

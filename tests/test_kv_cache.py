@@ -1,6 +1,6 @@
 """The static KV cache and the attention masks, against numpy definitions and the model.
 
-The unit tests compare each operation (per-row writes, compaction, rollback, masks) with a
+The unit tests compare each operation (per-row writes, compaction, lengths, masks) with a
 few lines of numpy that state its definition. The last test runs the cache the way the
 speculative engine will: verify a token tree in one forward, compact the accepted path and
 decode on, and checks every logit against a plain full forward of the same tokens.
@@ -18,11 +18,11 @@ from hydra_jax.model.config import ModelConfig
 from hydra_jax.model.kv_cache import KVCache, init_cache, write_rows
 from hydra_jax.model.llama import LlamaModel, init_params
 
-B, S, K, H = 3, 16, 2, 4  # caches are [B, K, S, H]
+B, S, K, H = 3, 16, 2, 4  # caches are [B * K, S, H], batch-major rows
 
 
 def _random_layer(seed: int, batch: int = B) -> np.ndarray:
-  return np.random.RandomState(seed).randn(batch, K, S, H).astype(np.float32)
+  return np.random.RandomState(seed).randn(batch * K, S, H).astype(np.float32)
 
 
 def _cache_from(layers_k, layers_v, lengths) -> KVCache:
@@ -31,7 +31,7 @@ def _cache_from(layers_k, layers_v, lengths) -> KVCache:
                  lengths=jnp.asarray(lengths, jnp.int32))
 
 
-# --- creation, write, rollback ---------------------------------------------------------------
+# --- creation, write, lengths ----------------------------------------------------------------
 
 
 def test_init_cache_shapes():
@@ -39,7 +39,7 @@ def test_init_cache_shapes():
                     num_heads=4, num_kv_heads=2, head_dim=8)
   cache = init_cache(cfg, batch_size=2, max_len=10, dtype=jnp.bfloat16)
   assert cache.num_layers == 3 and cache.batch_size == 2 and cache.max_len == 10
-  assert all(x.shape == (2, 2, 10, 8) and x.dtype == jnp.bfloat16 for x in cache.k + cache.v)
+  assert all(x.shape == (2 * 2, 10, 8) and x.dtype == jnp.bfloat16 for x in cache.k + cache.v)
   assert cache.lengths.dtype == jnp.int32 and np.all(np.asarray(cache.lengths) == 0)
   # The Hydra++ prefix layer keeps its own one-layer cache.
   assert init_cache(cfg, 2, 10, num_layers=1).num_layers == 1
@@ -48,37 +48,34 @@ def test_init_cache_shapes():
 def _write_rows_reference(layer, new, offsets):
   out = layer.copy()
   for b, off in enumerate(offsets):
-    out[b, :, off:off + new.shape[2]] = new[b]
+    out[b * K:(b + 1) * K, off:off + new.shape[1]] = new[b * K:(b + 1) * K]
   return out
 
 
 @pytest.mark.parametrize("offsets", [[0, 5, 11], [3, 0, 3]])
 def test_write_rows_at_per_row_offsets(offsets):
   layer = _random_layer(0)
-  new = np.random.RandomState(1).randn(B, K, 5, H).astype(np.float32)
+  new = np.random.RandomState(1).randn(B * K, 5, H).astype(np.float32)
   # Traced offsets: the write position is data, not a static shape.
   got = jax.jit(write_rows)(layer, new, jnp.asarray(offsets, jnp.int32))
   np.testing.assert_array_equal(np.asarray(got), _write_rows_reference(layer, new, offsets))
 
 
 def test_write_rows_casts_to_cache_dtype():
-  layer = jnp.zeros((1, K, S, H), jnp.bfloat16)
-  new = jnp.ones((1, K, 2, H), jnp.float32)
+  layer = jnp.zeros((K, S, H), jnp.bfloat16)
+  new = jnp.ones((K, 2, H), jnp.float32)
   got = write_rows(layer, new, jnp.asarray([4]))
   assert got.dtype == jnp.bfloat16
-  assert float(got[0, :, 4:6].astype(jnp.float32).sum()) == 2 * K * H
+  assert float(got[:, 4:6].astype(jnp.float32).sum()) == 2 * K * H
 
 
-def test_with_lengths_and_rollback():
+def test_with_lengths():
   cache = _cache_from([_random_layer(0)], [_random_layer(1)], [7, 3, 12])
   advanced = cache.with_lengths(cache.lengths + jnp.asarray([2, 0, 1]))
   np.testing.assert_array_equal(np.asarray(advanced.lengths), [9, 3, 13])
-  # rollback never grows a row: min(current, requested).
-  rolled = cache.rollback(jnp.asarray([5, 4, 12]))
-  np.testing.assert_array_equal(np.asarray(rolled.lengths), [5, 3, 12])
-  assert rolled.lengths.dtype == jnp.int32
+  assert advanced.lengths.dtype == jnp.int32
   # Only the lengths move; the entries stay (hidden by the mask, overwritten by the next write).
-  np.testing.assert_array_equal(np.asarray(rolled.k[0]), np.asarray(cache.k[0]))
+  np.testing.assert_array_equal(np.asarray(advanced.k[0]), np.asarray(cache.k[0]))
 
 
 # --- gather (compaction after a speculative step) --------------------------------------------
@@ -87,9 +84,10 @@ def test_with_lengths_and_rollback():
 def _gather_reference(layer, lengths, src, count):
   """Definition: row b's slots lengths[b] + i <- old slots src[b, i], then commit count[b]."""
   out = layer.copy()
-  for b in range(layer.shape[0]):
-    picked = layer[b, :, src[b]]  # read everything first: [M, K, H]
-    out[b, :, lengths[b]:lengths[b] + src.shape[1]] = np.swapaxes(picked, 0, 1)
+  for b in range(layer.shape[0] // K):
+    rows = slice(b * K, (b + 1) * K)
+    picked = layer[rows][:, src[b]]  # read everything first: [K, M, H]
+    out[rows, lengths[b]:lengths[b] + src.shape[1]] = picked
   return out, np.asarray(lengths) + np.asarray(count)
 
 

@@ -59,6 +59,62 @@ def _inputs(seed=0):
   return head_logits, base_logits, tokens, mask
 
 
+def _numpy_draft_reference(head_logits, base_logits, tokens, mask, draft):
+  """The same sums for heads over a draft vocabulary `draft` (token ids): heads' logits are
+  V'-wide; a data target outside it gets weight 0; the teacher is the base renormalised over
+  the draft tokens; "vs base" compares with the base's FULL-vocabulary argmax (outside the
+  draft: a miss) and weighs every position."""
+  index = {int(tok): i for i, tok in enumerate(draft)}
+  out = []
+  for k in range(K):
+    s = {n: 0.0 for n in ("weight", "hard", "soft", "top1", "top5", "base_top1", "base_top5",
+                          "base_weight")}
+    s["base_rank_counts"] = np.zeros(losses.EVAL_RANKS)
+    for b in range(B):
+      for t in range(T - k - 2):
+        m = float(mask[b, t + k + 2])
+        q = head_logits[k][b, t].astype(np.float64)
+        logq = _log_softmax(q)
+        order = np.argsort(-q, kind="stable")
+        target = index.get(int(tokens[b, t + k + 2]))
+        w = m if target is not None else 0.0
+        teacher = np.exp(_log_softmax(base_logits[b, t + k + 1, draft].astype(np.float64)))
+        s["weight"] += w
+        if target is not None:
+          s["hard"] += w * -logq[target]
+          s["top1"] += w * (target == order[0])
+          s["top5"] += w * (target in order[:5])
+        s["soft"] += w * -(teacher * logq).sum()
+        base_top = index.get(int(np.argmax(base_logits[b, t + k + 1])))
+        s["base_weight"] += m
+        if base_top is not None:
+          s["base_top1"] += m * (base_top == order[0])
+          s["base_top5"] += m * (base_top in order[:5])
+          rank = int(np.sum(q > q[base_top]))
+          if rank < losses.EVAL_RANKS:
+            s["base_rank_counts"][rank] += m
+    out.append(s)
+  return out
+
+
+def test_draft_vocabulary_sums_match_numpy():
+  head_logits, base_logits, tokens, mask = _inputs(3)
+  draft = np.array([7, 3, 30, 0, 12, 21, 5, 36, 18, 9, 25, 1], np.int32)  # 12 of the 37 ids
+  head_logits = [h[..., draft] for h in head_logits]  # heads rank the draft tokens only
+  base_logits[0, :, draft[0]] += 9.0  # the base's argmax is in the draft vocab for row 0
+  targets, weights = losses.shift_targets(jnp.asarray(tokens), jnp.asarray(mask), K)
+  sums = losses.head_sums(
+      lambda k, f: f, [jnp.asarray(h) for h in head_logits], targets, weights,
+      base_hidden_BxTxD=jnp.asarray(base_logits), base_logits_fn=lambda h: h, chunk=4,
+      teacher=True, evaluation=True, draft_ids=draft, vocab_size=V)
+  want = _numpy_draft_reference(head_logits, base_logits, tokens, mask, draft)
+  for k in range(K):
+    assert 0 < want[k]["weight"] < want[k]["base_weight"]  # some targets fall outside
+    for name, value in want[k].items():
+      np.testing.assert_allclose(np.asarray(sums[name][k]), value, rtol=2e-5, atol=1e-4,
+                                 err_msg=f"head {k} {name}")
+
+
 @pytest.mark.parametrize("chunk", [0, 4])  # 4 does not divide T: padded last chunk
 def test_sums_match_numpy(chunk):
   head_logits, base_logits, tokens, mask = _inputs()

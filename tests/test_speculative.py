@@ -105,14 +105,21 @@ def _heads(hm, arch, seed=1, **kw):
   return cfg, _randomize(params, seed)
 
 
-@pytest.mark.parametrize("model_type,arch,tree_name,batch", [
-    ("llama", "medusa", "mc_sim_7b_63", 3), ("llama", "hydra", "mc_sim_7b_63", 3),
-    ("llama", "hydra++", "mc_sim_7b_63", 3), ("llama", "hydra", "chain_4", 1),
-    ("qwen2", "medusa", "greedy_15", 1), ("qwen2", "hydra", "mc_sim_7b_63", 3),
-    ("qwen2", "hydra++", "greedy_31", 3)])
-def test_lossless_with_real_heads(bases, model_type, arch, tree_name, batch):
+DRAFT_VOCAB = tuple(range(0, 256, 3))  # 86 of the 256 tokens: most greedy tokens fall outside
+
+
+@pytest.mark.parametrize("model_type,arch,tree_name,batch,lm", [
+    ("llama", "medusa", "mc_sim_7b_63", 3, {}), ("llama", "hydra", "mc_sim_7b_63", 3, {}),
+    ("llama", "hydra++", "mc_sim_7b_63", 3, {}), ("llama", "hydra", "chain_4", 1, {}),
+    ("qwen2", "medusa", "greedy_15", 1, {}), ("qwen2", "hydra", "mc_sim_7b_63", 3, {}),
+    ("qwen2", "hydra++", "greedy_31", 3, {}),
+    # Drafting options: lossless whatever the heads propose (verification is full-vocabulary).
+    ("llama", "hydra++", "greedy_15", 3, dict(lm_head="base", draft_vocab=DRAFT_VOCAB)),
+    ("qwen2", "medusa", "greedy_7", 3, dict(lm_head="own", draft_vocab=DRAFT_VOCAB)),
+    ("llama", "hydra", "greedy_7", 3, dict(lm_head="base"))])
+def test_lossless_with_real_heads(bases, model_type, arch, tree_name, batch, lm):
   torch_model, hm = bases(model_type)
-  cfg, params = _heads(hm, arch)
+  cfg, params = _heads(hm, arch, **lm)
   n = 12
   prompts = PROMPTS[:batch]
   refs = [_hf_greedy(torch_model, p, n) for p in prompts]

@@ -56,7 +56,7 @@ WEIGHTS_ATOL = 1e-5
 
 FIX_CORRUPT = ("re-export the heads (train.py writes WORKDIR/heads) or download them again")
 
-__all__ = ["save_heads", "load_heads", "read_heads_meta", "detect_heads_format",
+__all__ = ["save_heads", "load_heads", "ship_heads", "read_heads_meta", "detect_heads_format",
            "base_weights_fingerprint", "HeadsMismatchError", "HeadsCorruptError",
            "CheckpointError"]
 
@@ -253,6 +253,24 @@ def save_heads(directory: str, params, heads_cfg: HeadsConfig, extra_meta: Optio
   with open(tmp, "w") as f:
     json.dump(meta, f, indent=2, sort_keys=True)
   os.replace(tmp, cfg_path)
+
+
+def ship_heads(src: str, dst: str) -> str:
+  """A bf16 copy of trained heads (train.py's WORKDIR/heads) at `dst`, to ship in a package.
+
+  bf16 halves the f32 export; `load_heads` casts back (to f32 or the model's dtype). The
+  training metadata (steps, eval metrics) and the base-weights record travel along.
+  """
+  meta = read_heads_meta(src)
+  saved_base = (meta.get("base") or {}).get("config")
+  base_cfg = ModelConfig.from_dict(saved_base) if saved_base else None
+  cfg, params = load_heads(src, base_cfg)
+  extra = dict(meta.get("extra") or {})
+  extra.pop("model_path", None)  # a path on the training machine, meaningless once shipped
+  extra["trained_param_dtype"] = meta.get("param_dtype", "float32")
+  save_heads(dst, params, cfg, extra_meta=extra, base_cfg=base_cfg, param_dtype="bfloat16",
+             base_weights=(meta.get("base") or {}).get("weights"))
+  return dst
 
 
 def detect_heads_format(directory: str) -> str:

@@ -238,37 +238,55 @@ def load_params(path: str, cfg: ModelConfig, param_dtype=jnp.float32) -> dict:
   return params_from_hf_tensors(_iter_tensors(files), cfg, param_dtype, where)
 
 
+def check_hf_tensor(fname: str, key: str, shape, cfg: ModelConfig, seen: Dict[str, str]):
+  """The rule (as `_match`) for one tensor of a checkpoint, after the strict checks (see the
+  module doc); None for a tensor that carries no weights. Records it in `seen`."""
+  if any(p.fullmatch(key) for p in _IGNORED):
+    return None
+  if key in seen:
+    raise CheckpointError(f"tensor {key} appears twice: in {seen[key]} and {fname}")
+  seen[key] = fname
+  rule = _match(key)
+  if rule is None or (key == "lm_head.weight" and cfg.tie_word_embeddings):
+    why = ("the config ties the embeddings, so no lm_head.weight is expected"
+           if key == "lm_head.weight" else "no parameter of this model maps to it")
+    raise CheckpointError(f"unexpected tensor {key} in {fname}: {why}")
+  target, _, _, _, want = rule
+  layer = re.match(r"layers_(\d+)/", target)
+  if layer and int(layer.group(1)) >= cfg.num_layers:
+    raise CheckpointError(f"unexpected tensor {key} in {fname}: config.json has only "
+                          f"{cfg.num_layers} layers")
+  if key.endswith("_proj.bias") and not cfg.attention_bias:
+    raise CheckpointError(f"unexpected tensor {key} in {fname}: the config has no attention bias")
+  if tuple(shape) != tuple(want(cfg)):
+    raise CheckpointError(f"tensor {key} in {fname} has shape {tuple(shape)}, but "
+                          f"config.json implies {tuple(want(cfg))}")
+  return rule
+
+
+def check_complete(seen: Dict[str, str], cfg: ModelConfig, where: str) -> None:
+  """Raises naming the first missing tensors of a complete checkpoint for `cfg`."""
+  missing = [k for k in expected_hf_keys(cfg) if k not in seen]
+  if missing:
+    more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+    raise CheckpointError(f"missing tensor(s) in {where}: {', '.join(missing[:5])}{more}")
+
+
 def params_from_hf_tensors(tensors: Iterable[Tuple[str, str, np.ndarray]], cfg: ModelConfig,
                            param_dtype=jnp.float32, where: str = "the checkpoint") -> dict:
   """Our params from (file, HF tensor name, array) triples, strictly (see the module doc).
 
   The one mapping from Hugging Face names to our layout: other formats (GGUF) rename their
-  tensors to HF names and come through here.
+  tensors to HF names and come through here (and `sharded_load` reads slices by it).
   """
   params: dict = {}
   fused: Dict[str, np.ndarray] = {}
   seen: Dict[str, str] = {}
   for fname, key, tensor in tensors:
-    if any(p.fullmatch(key) for p in _IGNORED):
+    rule = check_hf_tensor(fname, key, tensor.shape, cfg, seen)
+    if rule is None:
       continue
-    if key in seen:
-      raise CheckpointError(f"tensor {key} appears twice: in {seen[key]} and {fname}")
-    seen[key] = fname
-    rule = _match(key)
-    if rule is None or (key == "lm_head.weight" and cfg.tie_word_embeddings):
-      why = ("the config ties the embeddings, so no lm_head.weight is expected"
-             if key == "lm_head.weight" else "no parameter of this model maps to it")
-      raise CheckpointError(f"unexpected tensor {key} in {fname}: {why}")
     target, slot, to_ours, _, shape = rule
-    layer = re.match(r"layers_(\d+)/", target)
-    if layer and int(layer.group(1)) >= cfg.num_layers:
-      raise CheckpointError(f"unexpected tensor {key} in {fname}: config.json has only "
-                            f"{cfg.num_layers} layers")
-    if key.endswith("_proj.bias") and not cfg.attention_bias:
-      raise CheckpointError(f"unexpected tensor {key} in {fname}: the config has no attention bias")
-    if tuple(tensor.shape) != tuple(shape(cfg)):
-      raise CheckpointError(f"tensor {key} in {fname} has shape {tuple(tensor.shape)}, but "
-                            f"config.json implies {tuple(shape(cfg))}")
     arr = to_ours(np.asarray(tensor).astype(np.float32), cfg)
     if slot(cfg) is None:
       _set(params, target, jnp.asarray(arr, dtype=param_dtype))
@@ -276,10 +294,7 @@ def params_from_hf_tensors(tensors: Iterable[Tuple[str, str, np.ndarray]], cfg: 
       if target not in fused:
         fused[target] = np.zeros(fused_param_shape(target, cfg), np.float32)
       fused[target][slot(cfg)] = arr
-  missing = [k for k in expected_hf_keys(cfg) if k not in seen]
-  if missing:
-    more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-    raise CheckpointError(f"missing tensor(s) in {where}: {', '.join(missing[:5])}{more}")
+  check_complete(seen, cfg, where)
   for target, arr in fused.items():  # every part is present: no key is missing
     _set(params, target, jnp.asarray(arr, dtype=param_dtype))
   return params
@@ -362,5 +377,6 @@ def _save_bf16(tensors: Dict[str, np.ndarray], fname: str) -> None:
       f.write(b)
 
 
-__all__ = ["CheckpointError", "HFModel", "UnsupportedModelError", "export_hf", "load_hf_model",
+__all__ = ["CheckpointError", "HFModel", "UnsupportedModelError", "check_complete",
+           "check_hf_tensor", "export_hf", "load_hf_model",
            "load_params", "params_from_hf_tensors", "read_hf_config", "expected_hf_keys", "load_tokenizer"]

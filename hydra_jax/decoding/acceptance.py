@@ -13,7 +13,6 @@ keep and which bonus token to emit:
             named by meaning. At temperature 0 it is greedy acceptance.
   exact     Lossless tree rejection sampling: the emitted tokens have exactly the law of
             autoregressive sampling from the base model at any temperature / top-k / top-p.
-  sibling_rejection  the textbook recursion that `exact` implements (kept as the reference).
 
 p always means the distribution `sampling.sample` draws from: softmax(process_logits(...)).
 
@@ -52,7 +51,6 @@ slots, K max children of a node, R nodes with children.
 
 from __future__ import annotations
 
-from typing import Tuple
 
 import flax
 import jax
@@ -214,40 +212,6 @@ def exact_accept(tree, tokens_BxN: jax.Array, logits_BxNxV: jax.Array, keys_MxB:
   return a, jnp.stack(path, axis=1), cur, bonus
 
 
-def sibling_rejection(probs_BxV: jax.Array, cand_BxK: jax.Array, valid_BxK: jax.Array,
-                      keys_B: jax.Array) -> Tuple[jax.Array, jax.Array]:
-  """The multi-draft rejection recursion at one node, written out (the reference for `exact`).
-
-  probs: the base distribution p; cand: the point-mass drafts in the order they are tried;
-  valid: which drafts exist. Returns (index of the accepted draft or -1, the token produced:
-  the accepted draft or a sample of the residual). Its law equals drawing y ~ p and taking the
-  first draft equal to y (module docstring), which is what `exact_accept` does.
-  """
-  k = cand_BxK.shape[1]
-  sub = jax.vmap(lambda key: jax.random.split(key, k + 1))(keys_B)  # [B, K + 1]
-  residual = probs_BxV.astype(jnp.float32)
-  alive = jnp.ones(cand_BxK.shape[:1], bool)
-  choice = jnp.full(cand_BxK.shape[:1], -1, jnp.int32)
-  token = jnp.zeros(cand_BxK.shape[:1], jnp.int32)
-  for i in range(k):
-    x = cand_BxK[:, i]
-    px = jnp.take_along_axis(residual, x[:, None], axis=1)[:, 0]
-    u = jax.vmap(jax.random.uniform)(sub[:, i])
-    accept = alive & valid_BxK[:, i] & (u < px)  # min(1, r(x) / q(x)) with q(x) = 1
-    choice = jnp.where(accept, i, choice)
-    token = jnp.where(accept, x, token)
-    reject = alive & valid_BxK[:, i] & ~accept
-    # r <- normalise(max(r - onehot(x), 0)): x's mass removed.
-    removed = jnp.where(jnp.arange(residual.shape[1])[None, :] == x[:, None], 0.0, residual)
-    total = jnp.sum(removed, axis=-1, keepdims=True)
-    removed = jnp.where(total > 0, removed / jnp.where(total > 0, total, 1.0), residual)
-    residual = jnp.where(reject[:, None], removed, residual)
-    alive = alive & ~accept
-  drawn = jax.vmap(jax.random.categorical)(sub[:, k], jnp.log(residual))
-  token = jnp.where(alive, drawn.astype(jnp.int32), token)
-  return choice, token
-
-
 __all__ = ["ACCEPT_MODES", "AcceptParams", "DEFAULT_POSTERIOR_ALPHA", "DEFAULT_POSTERIOR_THRESHOLD",
            "check_accept_mode", "children_table", "exact_accept", "greedy_accept",
-           "sibling_rejection", "typical_accept"]
+           "typical_accept"]

@@ -9,6 +9,12 @@ prompt length and cache length, so that new prompts and max_new_tokens rarely re
     model = load_model("path/to/hf_dir", dtype="bfloat16")
     [res] = generate(model, ["Once upon a time"], max_new_tokens=64, temperature=0.7, top_p=0.9)
     print(res.text, res.tokens_per_s)
+
+Sharded over a device mesh (tensor parallel over "tensor", batch over "data"; all devices of
+all processes under jax.distributed), loading each device's slices straight from the files:
+
+    model = load_model("path/to/hf_dir", dtype="bfloat16", mesh="data=2,tensor=4")
+    results = generate(model, prompts, 64, mesh="data=2,tensor=4")
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import numpy as np
 
 from hydra_jax.checkpoint.heads_io import load_heads
 from hydra_jax.checkpoint.hf import HFModel, load_hf_model
+from hydra_jax.decoding import mesh as decode_mesh
 from hydra_jax.decoding.acceptance import DEFAULT_POSTERIOR_ALPHA, DEFAULT_POSTERIOR_THRESHOLD
 from hydra_jax.decoding.engine import DecodeEngine
 from hydra_jax.decoding.sampling import SamplingParams
@@ -72,11 +79,39 @@ class GenerationResult:
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def load_model(path: str, dtype: str = "float32", tokenizer: bool = True) -> HFModel:
-  """Loads a Hugging Face model directory; `dtype` is both the param and the compute dtype."""
+def resolve_mesh(mesh):
+  """A decode Mesh from "data=D,tensor=T", a dict or a jax Mesh (None stays None); a mesh
+  decoding cannot use raises DecodeInputError."""
+  try:
+    return decode_mesh.make_decode_mesh(mesh)
+  except decode_mesh.MeshError as e:
+    raise DecodeInputError(str(e)) from None
+
+
+def load_model(path: str, dtype: str = "float32", tokenizer: bool = True,
+               mesh=None) -> HFModel:
+  """Loads a model; `dtype` is both the param and the compute dtype.
+
+  `path`: a Hugging Face model directory, a llama.cpp .gguf file, or the name of a known model
+  (`python -m hydra_jax.models list`; prepared in the cache on first use). With a `mesh`
+  (see `generate`), each process reads only the slices of the weights its devices hold and
+  the params come back sharded for decoding on that mesh.
+  """
   if str(dtype) not in _DTYPES:
     raise DecodeInputError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
   dt = _DTYPES[str(dtype)]
+  mesh = resolve_mesh(mesh)
+  path = os.fspath(path)
+  if not os.path.exists(os.path.expanduser(path)):
+    from hydra_jax import models
+    if path in models.REGISTRY:
+      path = models.model_path(path)
+  if mesh is not None:
+    from hydra_jax.checkpoint.sharded_load import load_model_sharded
+    return load_model_sharded(path, mesh, param_dtype=dt, dtype=dt, tokenizer=tokenizer)
+  if path.endswith(".gguf"):
+    from hydra_jax.checkpoint.gguf import load_gguf_model
+    return load_gguf_model(path, param_dtype=dt, dtype=dt, tokenizer=tokenizer)
   return load_hf_model(path, param_dtype=dt, dtype=dt, tokenizer=tokenizer)
 
 
@@ -128,8 +163,12 @@ def encode_prompts(model: HFModel, prompts, chat: bool = False) -> List[List[int
         ids = tok(text, add_special_tokens=False)["input_ids"]
       else:
         ids = tok(p)["input_ids"]
-    else:
+    elif isinstance(p, (list, tuple, np.ndarray)) and all(
+        isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in p):
       ids = [int(x) for x in p]
+    else:
+      raise DecodeInputError(f"prompt {i} must be text or a list of token ids (ints), got "
+                             f"{_describe(p)}")
     if not ids:
       raise DecodeInputError(f"prompt {i} is empty: give at least one character or token id")
     bad = [x for x in ids if not 0 <= x < model.config.vocab_size]
@@ -138,6 +177,23 @@ def encode_prompts(model: HFModel, prompts, chat: bool = False) -> List[List[int
                              f"[0, {model.config.vocab_size})")
     out.append(ids)
   return out
+
+
+def _describe(x) -> str:
+  if isinstance(x, (list, tuple)):
+    bad = next((v for v in x if not isinstance(v, (int, np.integer)) or isinstance(v, bool)), None)
+    return f"a list holding {bad!r} ({type(bad).__name__})"
+  return f"{x!r} ({type(x).__name__})"
+
+
+def _whole_number(name: str, value, minimum: int = 1) -> int:
+  """An int >= minimum, or a DecodeInputError naming the argument (4.5 is not 4)."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) and not (
+      isinstance(value, float) and value.is_integer()):
+    raise DecodeInputError(f"{name} must be a whole number >= {minimum}, got {value!r}")
+  if int(value) < minimum:
+    raise DecodeInputError(f"{name} must be >= {minimum}, got {value}")
+  return int(value)
 
 
 def _round_up(x: int, m: int) -> int:
@@ -179,13 +235,15 @@ class PreparedBatch:
 
 
 def prepare_batch(prompt_ids: Sequence[Sequence[int]], start: int, batch_size: int,
-                  padded_len: int, pad_id: int = 0) -> PreparedBatch:
-  """Prompts [start, start + batch_size) as one right-padded batch of exactly batch_size rows."""
+                  padded_len: int, pad_id: int = 0, rows: Optional[int] = None) -> PreparedBatch:
+  """Prompts [start, start + batch_size) as one right-padded batch of `rows` rows (default
+  batch_size; more on a mesh, whose data axis must divide it): the rest are dummy rows."""
+  rows = batch_size if rows is None else rows
   indices = list(range(start, min(start + batch_size, len(prompt_ids))))
-  tokens = np.full((batch_size, padded_len), pad_id, np.int32)
-  lengths = np.ones((batch_size,), np.int32)  # dummy rows: one pad token, never decoded
-  active = np.zeros((batch_size,), bool)
-  row_ids = np.full((batch_size,), -1, np.int32)
+  tokens = np.full((rows, padded_len), pad_id, np.int32)
+  lengths = np.ones((rows,), np.int32)  # dummy rows: one pad token, never decoded
+  active = np.zeros((rows,), bool)
+  row_ids = np.full((rows,), -1, np.int32)
   for r, i in enumerate(indices):
     ids = prompt_ids[i]
     tokens[r, :len(ids)] = ids
@@ -217,24 +275,34 @@ _ENGINES: Dict[Tuple, DecodeEngine] = {}
 
 
 def get_engine(model: HFModel, heads_cfg: Optional[HeadsConfig] = None, tree=None,
-               accept: str = "greedy") -> DecodeEngine:
-  """One engine (and its compiled executables) per (model config, dtype, heads, tree, accept)."""
-  key = (model.config, str(jnp.dtype(model.dtype)), heads_cfg, tree, accept)
+               accept: str = "greedy", mesh=None) -> DecodeEngine:
+  """One engine (and its compiled executables) per (model config, dtype, heads, tree, accept,
+  mesh)."""
+  key = (model.config, str(jnp.dtype(model.dtype)), heads_cfg, tree, accept, mesh)
   if key not in _ENGINES:
-    _ENGINES[key] = DecodeEngine(model.config, model.dtype, heads_cfg, tree, accept)
+    _ENGINES[key] = DecodeEngine(model.config, model.dtype, heads_cfg, tree, accept, mesh=mesh)
   return _ENGINES[key]
 
 
-def load_draft_heads(model: HFModel, heads) -> Tuple[HeadsConfig, Any]:
+def load_draft_heads(model: HFModel, heads, allow_mismatch: bool = False
+                     ) -> Tuple[HeadsConfig, Any]:
   """`heads` as a directory (ours, or released Hydra / Medusa) or a (HeadsConfig, params) pair.
 
-  Raises HeadsMismatchError when the heads were made for another base model.
+  Raises HeadsMismatchError when the heads were made for another base model (its config, or
+  for our heads also its weights; allow_mismatch=True loads them anyway when shapes fit).
   """
   if isinstance(heads, (tuple, list)):
+    if len(heads) != 2 or not isinstance(heads[0], HeadsConfig) or not isinstance(heads[1], dict):
+      raise DecodeInputError("heads= must be a heads directory or a (HeadsConfig, params dict) "
+                             f"pair, got a {type(heads).__name__} of {len(heads)} items")
     cfg, params = heads
     cfg.check_compatible(model.config)
+  elif isinstance(heads, (str, os.PathLike)):
+    cfg, params = load_heads(os.fspath(heads), model.config, base_params=model.params,
+                             allow_mismatch=allow_mismatch)
   else:
-    cfg, params = load_heads(str(heads), model.config)
+    raise DecodeInputError(f"heads= must be a heads directory or a (HeadsConfig, params) pair, "
+                           f"got {type(heads).__name__}")
   params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, model.dtype), params)
   return cfg, params
 
@@ -246,7 +314,8 @@ def generate(model: Union[HFModel, str], prompts, max_new_tokens: int, *,
              cache_len: Optional[int] = None, heads=None, tree="mc_sim_7b_63",
              mode: Optional[str] = None, accept: Optional[str] = None,
              posterior_threshold: float = DEFAULT_POSTERIOR_THRESHOLD,
-             posterior_alpha: float = DEFAULT_POSTERIOR_ALPHA) -> List[GenerationResult]:
+             posterior_alpha: float = DEFAULT_POSTERIOR_ALPHA,
+             allow_heads_mismatch: bool = False, mesh=None) -> List[GenerationResult]:
   """Decodes each prompt (text or token ids); results in input order.
 
   Greedy at temperature 0, else sampling with top-k (0 = off) and top-p (1.0 = off). Each
@@ -257,32 +326,42 @@ def generate(model: Union[HFModel, str], prompts, max_new_tokens: int, *,
   Speculative decoding (mode "spec", the default when `heads` is given): `heads` is a heads
   directory (ours, or a released Hydra / Medusa checkpoint) or a (HeadsConfig, params) pair;
   `tree` a preset name, a JSON file, a CompiledTree or "auto" (HEADS_DIR/tree_auto.json,
-  written by `python -m hydra_jax.decoding.tree_fit`; else mc_sim_7b_63 with a warning). `accept`: "greedy" (the default at
-  temperature 0; output identical to autoregressive greedy), "exact" (the default otherwise:
+  written by `python -m hydra_jax.decoding.tree_fit`; else mc_sim_7b_63 with a warning).
+  `accept`: "greedy" (the default at temperature 0; output identical to autoregressive greedy), "exact" (the default otherwise:
   lossless tree rejection sampling) or "typical" (Medusa's typical acceptance, lossy, with
   `posterior_threshold` / `posterior_alpha`). Results then carry `accept_length` and
-  `accepted_per_step` in `extra`.
+  `accepted_per_step` in `extra`. Heads recorded for another base model are refused unless
+  allow_heads_mismatch=True.
+
+  `mesh` ("data=D,tensor=T", a {"data": D, "tensor": T} dict or a jax Mesh over all devices):
+  decode sharded, base params and heads tensor-parallel over "tensor", the batch (and the KV
+  caches' rows) over "data" and "tensor"; the tokens are those of the unsharded run. Each
+  batch is padded to a multiple of data with rows that start done. Params not yet on the
+  mesh are placed on it (load_model(path, mesh=...) loads them there directly).
   """
+  mesh = resolve_mesh(mesh)
   if isinstance(model, str):
-    model = load_model(model)
+    model = load_model(model, mesh=mesh)
   mode = mode or ("spec" if heads is not None else "ar")
   if mode not in ("ar", "spec"):
     raise DecodeInputError(f"mode must be 'ar' or 'spec', got {mode!r}")
   if mode == "spec" and heads is None:
     raise DecodeInputError("speculative decoding needs draft heads: pass --heads DIR")
-  if int(max_new_tokens) < 1:
-    raise DecodeInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  max_new_tokens = _whole_number("max_new_tokens", max_new_tokens)
+  bad_stop = [x for x in (stop_ids or ()) if isinstance(x, bool) or
+              not isinstance(x, (int, np.integer)) or not 0 <= int(x) < model.config.vocab_size]
+  if bad_stop:
+    raise DecodeInputError(f"stop_ids must be token ids in [0, {model.config.vocab_size}), got "
+                           f"{bad_stop[0]!r}")
   try:
     sampling = SamplingParams.make(temperature, top_k, top_p)
   except ValueError as e:
     raise DecodeInputError(str(e)) from e
   ids = encode_prompts(model, prompts, chat=chat)
-  batch_size = len(ids) if batch_size is None else int(batch_size)
-  if batch_size < 1:
-    raise DecodeInputError(f"batch_size must be >= 1, got {batch_size}")
+  batch_size = len(ids) if batch_size is None else _whole_number("batch_size", batch_size)
   heads_cfg = heads_params = tree_used = None
   if mode == "spec":
-    heads_cfg, heads_params = load_draft_heads(model, heads)
+    heads_cfg, heads_params = load_draft_heads(model, heads, allow_heads_mismatch)
     heads_dir = None if isinstance(heads, (tuple, list)) else str(heads)
     tree_used = resolve_tree(tree, heads_dir, num_heads=heads_cfg.num_heads,
                              max_topk=heads_cfg.draft_vocab_size)
@@ -292,7 +371,13 @@ def generate(model: Union[HFModel, str], prompts, max_new_tokens: int, *,
     if accept == "greedy" and float(temperature) != 0.0:
       raise DecodeInputError("accept='greedy' needs temperature 0; use accept='exact' (lossless) "
                              "or 'typical' to sample")
-  engine = get_engine(model, heads_cfg, tree_used, accept or "greedy")
+  engine = get_engine(model, heads_cfg, tree_used, accept or "greedy", mesh)
+  params = model.params
+  if mesh is not None:  # placed once for all batches (a no-op when loaded onto this mesh)
+    params = decode_mesh.place(params, engine.param_shardings)
+    heads_params = (None if heads_params is None
+                    else decode_mesh.place(heads_params, engine.heads_shardings))
+  rows = decode_mesh.padded_batch_size(batch_size, mesh)
   padded_len, cache_len = plan_shapes([len(x) for x in ids], int(max_new_tokens),
                                       model.config.max_position_embeddings, cache_len,
                                       extra_slots=engine.slots_per_step - 1)
@@ -301,13 +386,13 @@ def generate(model: Union[HFModel, str], prompts, max_new_tokens: int, *,
 
   results: List[GenerationResult] = []
   for start in range(0, len(ids), batch_size):
-    batch = prepare_batch(ids, start, batch_size, padded_len, pad_id)
-    out = engine.run(model.params, heads_params, batch.tokens, batch.lengths, batch.active,
+    batch = prepare_batch(ids, start, batch_size, padded_len, pad_id, rows)
+    out = engine.run(params, heads_params, batch.tokens, batch.lengths, batch.active,
                      batch.row_ids, sampling, stop, seed, cache_len, posterior_threshold,
                      posterior_alpha)
     if out.compile_s > 0:
-      log.info("compiled for batch %d x prompt %d, cache %d in %.2fs", batch_size, padded_len,
-               cache_len, out.compile_s)
+      log.info("compiled for batch %d x prompt %d, cache %d%s in %.2fs", rows, padded_len,
+               cache_len, f" on mesh {decode_mesh.describe(mesh)}" if mesh else "", out.compile_s)
     new = int(out.num_generated[batch.active].sum())
     log.info("prompts %d-%d: %d new tokens in %.3fs (%.1f tokens/s)", batch.indices[0],
              batch.indices[-1], new, out.run_s, new / max(out.run_s, 1e-9))
@@ -317,4 +402,4 @@ def generate(model: Union[HFModel, str], prompts, max_new_tokens: int, *,
 
 __all__ = ["DecodeInputError", "GenerationResult", "PreparedBatch", "eos_ids", "encode_prompts",
            "generate", "get_engine", "load_draft_heads", "load_model", "make_results",
-           "normalize_prompts", "plan_shapes", "prepare_batch"]
+           "normalize_prompts", "plan_shapes", "prepare_batch", "resolve_mesh"]

@@ -8,12 +8,18 @@ takes the state donated), and times them apart from compilation.
 
 Speculative rows report `accept_length` (mean tokens per verify forward, bonus included) and
 `accepted_per_step` in BatchOutput.extra.
+
+With a `mesh` (`decoding.mesh.make_decode_mesh`), both executables are compiled with explicit
+in/out shardings from the one rules table (params and heads over "tensor", the KV caches'
+rows over ("data", "tensor"), per-row state over "data"), the loop still takes its state
+donated and runs every step on the devices with no host round trip; `loop_collectives`
+lists what a step communicates. Several processes (jax.distributed) run the same calls on
+the same host inputs; every process gets the whole result.
 """
 
 from __future__ import annotations
 
 import collections
-import functools
 import time
 from typing import Any, Dict, Optional, Tuple
 
@@ -22,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from hydra_jax.decoding import autoregressive as ar
+from hydra_jax.decoding import collectives
+from hydra_jax.decoding import mesh as decode_mesh
 from hydra_jax.decoding import speculative as spec
 from hydra_jax.decoding.acceptance import (ACCEPT_MODES, DEFAULT_POSTERIOR_ALPHA,
                                            DEFAULT_POSTERIOR_THRESHOLD, AcceptParams,
@@ -46,7 +54,7 @@ class DecodeEngine:
   """Autoregressive decoding (heads_cfg None) or speculative decoding with heads and a tree."""
 
   def __init__(self, cfg: ModelConfig, dtype=jnp.float32, heads_cfg: Optional[HeadsConfig] = None,
-               tree=None, accept: str = "greedy", drafter_factory=heads_drafter):
+               tree=None, accept: str = "greedy", drafter_factory=heads_drafter, mesh=None):
     self.cfg = cfg
     self.dtype = jnp.dtype(dtype)
     self.accept = check_accept_mode(accept)
@@ -65,6 +73,12 @@ class DecodeEngine:
     self.model = LlamaModel(cfg, dtype=self.dtype, param_dtype=self.dtype)
     self.drafter_factory = drafter_factory
     self._compiled: Dict[Tuple, Any] = {}
+    self._state_shapes: Dict[Tuple, Any] = {}
+    self.mesh = decode_mesh.make_decode_mesh(mesh)
+    self.param_shardings = self.heads_shardings = None
+    if self.mesh is not None:
+      self.param_shardings, self.heads_shardings = decode_mesh.decode_shardings(
+          cfg, self.mesh, self.dtype, heads_cfg)
 
   @property
   def slots_per_step(self) -> int:
@@ -74,9 +88,17 @@ class DecodeEngine:
   # --- the jitted halves ---------------------------------------------------------------------
 
   def _prefill_fn(self, cache_len: int):
+    # The seed key comes in as its raw uint32 data: a plain array places on any mesh.
     if self.speculative:
-      return functools.partial(spec.spec_prefill, self.models, cache_len)
-    return lambda params, heads_params, *rest: ar.ar_prefill(self.model, cache_len, params, *rest)
+      def prefill(params, heads_params, tokens, lengths, active, row_ids, key_data, *rest):
+        return spec.spec_prefill(self.models, cache_len, params, heads_params, tokens, lengths,
+                                 active, row_ids, jax.random.wrap_key_data(key_data), *rest)
+      return prefill
+
+    def ar_prefill(params, heads_params, tokens, lengths, active, row_ids, key_data, *rest):
+      return ar.ar_prefill(self.model, cache_len, params, tokens, lengths, active, row_ids,
+                           jax.random.wrap_key_data(key_data), *rest)
+    return ar_prefill
 
   def _loop_fn(self):
     if self.speculative:
@@ -94,20 +116,86 @@ class DecodeEngine:
       return ar.ar_loop(self.model, params, state, accept_params, stop)
     return ar_loop
 
+  def _jitted(self, args, cache_len: int):
+    """(prefill, loop, the state's shape) for these args: jitted functions, with explicit
+    shardings when there is a mesh."""
+    if self.mesh is None:
+      prefill = jax.jit(self._prefill_fn(cache_len))
+      return (prefill, jax.jit(self._loop_fn(), donate_argnums=(2,)),
+              jax.eval_shape(prefill, *args))
+    rep = decode_mesh.sharding.replicated(self.mesh)
+    params_sh, heads_sh = self.param_shardings, self.heads_shardings
+    in_sh = self._input_shardings(args[2].shape[0])
+    key = (_signature(args), cache_len)
+    if key not in self._state_shapes:  # tracing a big model's prefill takes seconds
+      self._state_shapes[key] = jax.eval_shape(
+          jax.jit(self._prefill_fn(cache_len), in_shardings=in_sh), *args)
+    state_shape = self._state_shapes[key]
+    state_sh = decode_mesh.state_shardings(state_shape, self.mesh)
+    prefill = jax.jit(self._prefill_fn(cache_len), in_shardings=in_sh, out_shardings=state_sh)
+    loop = jax.jit(self._loop_fn(), in_shardings=(params_sh, heads_sh, state_sh, rep, rep),
+                   out_shardings=state_sh, donate_argnums=(2,))
+    return prefill, loop, state_shape
+
+  def _input_shardings(self, batch: int) -> Tuple:
+    """Prefill in_shardings: params, heads, tokens / lengths / active / row ids over data,
+    the key data and the scalar knobs replicated."""
+    rep = decode_mesh.sharding.replicated(self.mesh)
+    rows = lambda ndim: decode_mesh.batch_sharding(self.mesh, ndim, batch)
+    return (self.param_shardings, self.heads_shardings, rows(2), rows(1), rows(1), rows(1), rep,
+            rep, rep)
+
+  def lower(self, args, cache_len: int):
+    """(prefill, loop) lowered for `args` (arrays or ShapeDtypeStructs: nothing is allocated);
+    what `run` compiles, and what sizing reads (`.compile().memory_analysis()`)."""
+    prefill, loop, state_shape = self._jitted(args, cache_len)
+    params, heads_params, *_, accept_params, stop = args
+    return (prefill.lower(*args),
+            loop.lower(params, heads_params, state_shape, accept_params, stop))
+
   def _executables(self, args, cache_len: int):
     key = (_signature(args), cache_len)
     if key in self._compiled:
       return self._compiled[key], 0.0
     t0 = time.perf_counter()
     TRACE_COUNTS["prefill"] += 1
-    prefill = jax.jit(self._prefill_fn(cache_len))
-    loop = jax.jit(self._loop_fn(), donate_argnums=(2,))
-    prefill_exe = prefill.lower(*args).compile()
-    state_shape = jax.eval_shape(prefill, *args)
-    params, heads_params, *_, accept_params, stop = args
-    loop_exe = loop.lower(params, heads_params, state_shape, accept_params, stop).compile()
-    self._compiled[key] = (prefill_exe, loop_exe)
+    prefill, loop = self.lower(args, cache_len)
+    self._compiled[key] = (prefill.compile(), loop.compile())
     return self._compiled[key], time.perf_counter() - t0
+
+  def loop_collectives(self, args=None, cache_len: Optional[int] = None):
+    """The collectives one loop step runs (`collectives.Collective` list), read from the
+    compiled loop for `args` (e.g. `abstract_args(...)`; compiled now unless `run` already
+    did), or without args from the loop `run` compiled last."""
+    if args is None:
+      if not self._compiled:
+        raise ValueError("nothing compiled yet: pass args (abstract_args(...)) and cache_len")
+      loop_exe = list(self._compiled.values())[-1][1]
+    else:
+      loop_exe = self._executables(args, cache_len)[0][1]
+    return collectives.loop_collectives(loop_exe)
+
+  def abstract_args(self, batch: int, prompt_len: int, heads_params_shape=None,
+                    params_shape=None) -> Tuple:
+    """`run`'s arguments as ShapeDtypeStructs (with their shardings on a mesh), for `lower`:
+    sizing and HLO inspection without allocating weights. Shapes default to the config's."""
+    from hydra_jax.model.llama import init_params
+    if params_shape is None:
+      params_shape = jax.eval_shape(lambda: init_params(self.cfg, jax.random.PRNGKey(0),
+                                                        self.dtype))
+    i32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+    args = (params_shape, heads_params_shape, i32((batch, prompt_len)), i32((batch,)),
+            jax.ShapeDtypeStruct((batch,), jnp.bool_), i32((batch,)),
+            jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))),
+            jax.eval_shape(lambda: AcceptParams.make(SamplingParams.make())),
+            jax.eval_shape(lambda: StopCriteria.make(1)))
+    if self.mesh is None:
+      return args
+    with_sharding = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+    return tuple(a if a is None else jax.tree_util.tree_map(
+        with_sharding, a, s if not isinstance(s, jax.sharding.Sharding)
+        else jax.tree_util.tree_map(lambda _: s, a))
+        for a, s in zip(args, self._input_shardings(batch)))
 
   # --- running -------------------------------------------------------------------------------
 
@@ -119,9 +207,14 @@ class DecodeEngine:
     """Prefill + decode one padded batch (heads_params None without heads)."""
     self._check_params(params)
     accept_params = AcceptParams.make(sampling, posterior_threshold, posterior_alpha)
-    args = (params, heads_params, jnp.asarray(tokens_BxP, jnp.int32),
-            jnp.asarray(lengths_B, jnp.int32), jnp.asarray(active_B, bool),
-            jnp.asarray(row_ids_B, jnp.int32), jax.random.key(seed), accept_params, stop)
+    host = (np.asarray(tokens_BxP, np.int32), np.asarray(lengths_B, np.int32),
+            np.asarray(active_B, bool), np.asarray(row_ids_B, np.int32),
+            np.asarray(jax.random.key_data(jax.random.key(seed))))
+    if self.mesh is None:
+      args = (params, heads_params, *(jnp.asarray(x) for x in host), accept_params, stop)
+    else:
+      args = self._placed_args(params, heads_params, host, accept_params, stop)
+      params, heads_params, accept_params, stop = args[0], args[1], args[-2], args[-1]
     (prefill_exe, loop_exe), compile_s = self._executables(args, cache_len)
     t0 = time.perf_counter()
     state = prefill_exe(*args)
@@ -131,7 +224,7 @@ class DecodeEngine:
     fetch = [state.tokens, state.num_generated, state.steps_per_row, state.finish]
     if self.speculative:
       fetch.append(state.spec.accepted_BxS)
-    out = jax.device_get(fetch)
+    out = decode_mesh.fetch(fetch)
     t2 = time.perf_counter()
     result = BatchOutput(*(np.asarray(x) for x in out[:4]), prefill_s=t1 - t0, run_s=t2 - t0,
                          compile_s=compile_s)
@@ -143,6 +236,21 @@ class DecodeEngine:
                                       dtype=object),
           "accepted_per_step": np.asarray(per_step + [None], dtype=object)[:-1]}
     return result
+
+  def _placed_args(self, params, heads_params, host, accept_params, stop):
+    """Everything `run` passes, laid out on the mesh (params kept when already placed)."""
+    batch = host[0].shape[0]
+    if batch % decode_mesh.data_size(self.mesh):
+      raise ValueError(f"batch {batch} is not a multiple of the mesh's data axis "
+                       f"({decode_mesh.describe(self.mesh)}): pad it with inactive rows "
+                       f"(api.prepare_batch, mesh.padded_batch_size)")
+    sh = self._input_shardings(batch)
+    rep = sh[-1]
+    placed = decode_mesh.place(list(host), list(sh[2:7]))
+    scalars = decode_mesh.place((accept_params, stop),
+                                jax.tree_util.tree_map(lambda _: rep, (accept_params, stop)))
+    heads = None if heads_params is None else decode_mesh.place(heads_params, sh[1])
+    return (decode_mesh.place(params, sh[0]), heads, *placed, *scalars)
 
   def _check_params(self, params):
     embed = params["embed_tokens"]["embedding"]

@@ -10,6 +10,7 @@ Legend: B batch rows, V vocab.
 
 from __future__ import annotations
 
+import math
 from typing import Union
 
 import flax
@@ -38,8 +39,9 @@ def check_sampling_args(temperature, top_k, top_p) -> None:
   if isinstance(temperature, jax.core.Tracer) or isinstance(top_k, jax.core.Tracer) or \
       isinstance(top_p, jax.core.Tracer):
     return
-  if float(temperature) < 0:
-    raise ValueError(f"temperature must be >= 0 (0 = greedy), got {float(temperature)}")
+  if not math.isfinite(float(temperature)) or float(temperature) < 0:
+    raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got "
+                     f"{float(temperature)}")
   if int(top_k) < 0:
     raise ValueError(f"top_k must be >= 0 (0 = off), got {int(top_k)}")
   if not 0.0 < float(top_p) <= 1.0:

@@ -39,7 +39,8 @@ def steady_state(engine, params, heads_params, context_len: int, cache_len: int,
   lengths = np.full((batch,), context_len, np.int32)
   accept_params = AcceptParams.make(SamplingParams.make())
   args = (params, heads_params, jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths),
-          jnp.ones((batch,), bool), jnp.arange(batch, dtype=jnp.int32), jax.random.key(0),
+          jnp.ones((batch,), bool), jnp.arange(batch, dtype=jnp.int32),
+          jax.random.key_data(jax.random.key(0)),  # the engine takes raw key data
           accept_params, NO_STOP)
   state = jax.jit(engine._prefill_fn(cache_len))(*args)
   return state, accept_params

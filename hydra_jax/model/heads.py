@@ -52,7 +52,7 @@ import numpy as np
 
 from hydra_jax.model.config import ModelConfig
 from hydra_jax.model.kv_cache import KVCache
-from hydra_jax.model.llama import DecoderLayer, RMSNorm, rope_tables
+from hydra_jax.model.llama import DecoderLayer, RMSNorm, dense, rope_tables
 from hydra_jax.model.masks import causal_mask
 
 Dtype = Any
@@ -182,11 +182,11 @@ class _Dense(nn.Module):
   def __call__(self, x):
     w = self.param("kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
                    (self.in_features, self.features), self.param_dtype)
-    y = x.astype(self.dtype) @ w.astype(self.dtype)
+    y = dense(x, w, self.dtype)
     if self.use_bias:
       b = self.param("bias", nn.with_logical_partitioning(self.bias_init, self.axes[-1:]),
                      (self.features,), self.param_dtype)
-      y = y + _bcast(b.astype(self.dtype), y.ndim)
+      y = y + _bcast(b.astype(jnp.float32), y.ndim)
     return y
 
 
@@ -228,8 +228,8 @@ class _FirstBlock(nn.Module):
                    (self.in_features, 2, self.hidden_size), self.param_dtype)
     b = self.param("bias", nn.with_logical_partitioning(init, ("fused", "mlp")),
                    (2, self.hidden_size), self.param_dtype)
-    y = jnp.einsum("...I,IJD->...JD", z0.astype(self.dtype), w.astype(self.dtype))
-    y = y + b.astype(self.dtype).reshape((1,) * (y.ndim - 2) + b.shape)
+    y = dense(z0, w, self.dtype)  # [..., 2, D]
+    y = y + b.astype(jnp.float32).reshape((1,) * (y.ndim - 2) + b.shape)
     return y[..., 1, :] + nn.silu(y[..., 0, :])
 
 
@@ -265,12 +265,12 @@ class _Head(nn.Module):
     c, k = self.cfg, self.index
     use_drop = c.dropout > 0.0 and not deterministic
     drop = (lambda x: self.drop(x, deterministic=False)) if use_drop else (lambda x: x)
-    x = g_xD.astype(self.dtype)
+    x = g_xD.astype(jnp.float32)
     if c.sequential:
       if path_embeds_xKp1xD is None or path_embeds_xKp1xD.shape[-2] != k + 1:
         got = None if path_embeds_xKp1xD is None else path_embeds_xKp1xD.shape
         raise ValueError(f"{c.arch} head {k} needs path embeddings [..., {k + 1}, D], got {got}")
-      pe = path_embeds_xKp1xD.astype(self.dtype)
+      pe = path_embeds_xKp1xD.astype(jnp.float32)
       z0 = jnp.concatenate([x, pe.reshape(pe.shape[:-2] + ((k + 1) * c.hidden_size,))], axis=-1)
       x = self.first(drop(z0))
     for j in range(self._num_inner):
@@ -285,9 +285,9 @@ class _Head(nn.Module):
     if base_lm_DxVd is None:
       raise ValueError("heads with lm_head='base' need the base model's LM head: pass "
                        "base_lm=shared_lm_kernel(heads_cfg, base_cfg, base_params)")
-    y = feats_xD.astype(self.dtype) @ base_lm_DxVd.astype(self.dtype)
+    y = dense(feats_xD, base_lm_DxVd, self.dtype)
     if self.cfg.arch != "medusa":
-      y = y + _bcast(self.lm_bias.astype(self.dtype), y.ndim)
+      y = y + _bcast(self.lm_bias.astype(jnp.float32), y.ndim)
     return y.astype(jnp.float32)
 
 
@@ -325,8 +325,8 @@ class DraftHeads(nn.Module):
         raise ValueError("the prefix layer with a KV cache needs an explicit attention mask")
       mask_BxTxS = causal_mask(b, t)
     kv = None if cache is None else (cache.k[0], cache.v[0])
-    rope = rope_tables(self.base, positions_BxT, self.dtype)
-    x, new_kv = self.prefix_layer(hidden_BxTxD.astype(self.dtype), rope, mask_BxTxS, kv,
+    rope = rope_tables(self.base, positions_BxT, jnp.float32)
+    x, new_kv = self.prefix_layer(hidden_BxTxD.astype(jnp.float32), rope, mask_BxTxS, kv,
                                   None if cache is None else cache.lengths)
     new_cache = None if cache is None else cache.replace(k=(new_kv[0],), v=(new_kv[1],))
     return self.prefix_norm(x), new_cache

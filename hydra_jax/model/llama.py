@@ -81,12 +81,51 @@ class RMSNorm(nn.Module):
     x32 = x.astype(jnp.float32)  # norms in f32 whatever the compute dtype
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
     scale = scale.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
-    return (x32 * scale).astype(self.dtype)
+    return x32 * scale  # activations stay f32; `dense` casts its inputs
 
 
 def _param(module: nn.Module, name: str, shape, axes, dtype, init=None):
   init = init or nn.initializers.normal(0.02)
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+def _single_row_is_slow(rows: int, dtype) -> bool:
+  """XLA:CPU runs bf16 x bf16 -> f32 products of ONE row on a generic path ~10x slower than
+  its bf16 kernels (which take >= 2 rows): such products are computed with the row twice."""
+  return rows == 1 and jnp.dtype(dtype) != jnp.float32 and jax.default_backend() == "cpu"
+
+
+def dense(x_xI: jax.Array, w_IxO: jax.Array, dtype) -> jax.Array:
+  """x [..., I] @ w [I, *O] -> [..., *O] in f32: inputs cast to `dtype`, accumulated in f32.
+
+  Every projection of the model and the heads goes through here. Activations stay f32
+  between matmuls; `dtype` is what the weights are stored in and the products read. With
+  bf16, XLA:CPU hands bf16 x bf16 -> f32 dots to YNNPACK's bf16 kernels (twice the f32
+  rate, half the bytes; `_single_row_is_slow` for the exception). Accelerators take the
+  plain dot.
+  """
+  lead, i, out = x_xI.shape[:-1], x_xI.shape[-1], w_IxO.shape[1:]
+  rows = math.prod(lead)
+  x2 = x_xI.reshape(rows, i).astype(dtype)
+  pad = _single_row_is_slow(rows, dtype)
+  if pad:
+    x2 = jnp.concatenate([x2, x2], axis=0)
+  # w keeps its shape: merging O's dims where a minor one is sharded (gate_up [D, 2, F] split
+  # on F) has no sharding on the merged dim, and SPMD partitioning all-gathered the whole
+  # weight for it. XLA flattens the free dims itself, per device.
+  y = jax.lax.dot_general(x2, w_IxO.astype(dtype), (((1,), (0,)), ((), ())),
+                          preferred_element_type=jnp.float32)
+  return (_first_row(y) if pad else y).reshape(lead + out)
+
+
+def _first_row(y_2xN: jax.Array, axis: int = 0) -> jax.Array:
+  """Row 0 of a product computed on two copies of its row.
+
+  Row 1 must look used, or XLA slices the duplicate away before the dot (back to the slow
+  one-row path): it is added where row 0 is NaN, a test XLA cannot fold for floats.
+  """
+  first, second = jnp.split(y_2xN, 2, axis=axis)
+  return jnp.where(jnp.isnan(first), second, first)
 
 
 class Attention(nn.Module):
@@ -113,7 +152,7 @@ class Attention(nn.Module):
       return jnp.transpose(x_BxTxKxJxH, (0, 2, 3, 1, 4)).reshape(b * k, j * t, h)
 
     # Scale q once here instead of the [.., T, S] scores. Query rows Q = (G, T) of a kv head.
-    q = rows(apply_rope(qkv[:, :, :, :g], rope) * jnp.asarray(1.0 / math.sqrt(h), dt))
+    q = rows(apply_rope(qkv[:, :, :, :g], rope) * (1.0 / math.sqrt(h)))
     key = rows(apply_rope(qkv[:, :, :, g:g + 1], rope))  # [X, T, H]
     val = rows(qkv[:, :, :, g + 1:])
 
@@ -123,17 +162,22 @@ class Attention(nn.Module):
       keys = write_rows(kv[0], key, offsets_B)
       values = write_rows(kv[1], val, offsets_B)
       new_kv = (keys, values)
-      keys, values = keys.astype(dt), values.astype(dt)
 
     # Plain batched matmuls over the X = B * K rows, reading the cache as it lies (see
     # kv_cache): keeping B, K, G and T apart in an einsum lets XLA:CPU transpose or copy the
     # whole cache every step.
-    scores = jnp.einsum("XQH,XSH->XQS", q, keys).astype(jnp.float32)
-    s = scores.shape[-1]
+    s = keys.shape[1]
     mask = jnp.broadcast_to(mask_BxTxS[:, None, None], (b, k, g, t, s)).reshape(b * k, g * t, s)
+    pad = _single_row_is_slow(g * t, dt)
+    if pad:  # one query row per kv head (a decode step without GQA): computed twice
+      q, mask = jnp.concatenate([q, q], axis=1), jnp.concatenate([mask, mask], axis=1)
+    scores = jnp.einsum("XQH,XSH->XQS", q.astype(dt), keys.astype(dt),
+                        preferred_element_type=jnp.float32)
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)  # softmax in f32
-    out = jnp.einsum("XQS,XSH->XQH", probs, values)
+    out = jnp.einsum("XQS,XSH->XQH", probs, values.astype(dt),
+                     preferred_element_type=jnp.float32)
+    out = _first_row(out, axis=1) if pad else out
     out = jnp.transpose(out.reshape(b, k, g, t, h), (0, 3, 1, 2, 4)).reshape(b, t, n * h)
     return _OutProj(cfg=cfg, dtype=dt, param_dtype=self.param_dtype, name="o_proj")(out), new_kv
 
@@ -150,11 +194,11 @@ class _QKV(nn.Module):
     shape = (c.num_kv_heads, c.num_heads // c.num_kv_heads + 2, c.head_dim)
     w = _param(self, "kernel", (c.hidden_size,) + shape, ("embed", "kv_heads", "qkv", "head_dim"),
                self.param_dtype)
-    y = jnp.einsum("BTD,DKJH->BTKJH", x_BxTxD, w.astype(self.dtype))
+    y = dense(x_BxTxD, w, self.dtype)  # [B, T, K, J, H]
     if c.attention_bias:
       bias = _param(self, "bias", shape, ("kv_heads", "qkv", "head_dim"), self.param_dtype,
                     nn.initializers.zeros)
-      y = y + bias.astype(self.dtype)[None, None]
+      y = y + bias.astype(jnp.float32)[None, None]
     return y
 
 
@@ -168,8 +212,7 @@ class _OutProj(nn.Module):
     c = self.cfg
     w = _param(self, "kernel", (c.num_heads, c.head_dim, c.hidden_size),
                ("heads", "head_dim", "embed"), self.param_dtype)
-    # [N, H, D] -> [N * H, D] is free (row-major); one plain matmul.
-    return x_BxTxNH @ w.reshape(-1, c.hidden_size).astype(self.dtype)
+    return dense(x_BxTxNH, w.reshape(-1, c.hidden_size), self.dtype)  # [N, H, D] as [N * H, D]
 
 
 class MLP(nn.Module):
@@ -185,10 +228,9 @@ class MLP(nn.Module):
     def kernel(name, shape, axes):
       return _Kernel(shape=shape, axes=axes, param_dtype=self.param_dtype, name=name)()
 
-    gate_up = jnp.einsum("BTD,DJF->BTJF", x_BxTxD,
-                         kernel("gate_up_proj", (d, 2, f), ("embed", "gate_up", "mlp")).astype(dt))
+    gate_up = dense(x_BxTxD, kernel("gate_up_proj", (d, 2, f), ("embed", "gate_up", "mlp")), dt)
     hidden = nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]
-    return hidden @ kernel("down_proj", (f, d), ("mlp", "embed")).astype(dt)
+    return dense(hidden, kernel("down_proj", (f, d), ("mlp", "embed")), dt)
 
 
 class _Kernel(nn.Module):
@@ -246,15 +288,15 @@ class LlamaModel(nn.Module):
                              param_dtype=self.param_dtype)
 
   def embed(self, tokens_BxT):
-    return jnp.take(self.embed_tokens(), tokens_BxT, axis=0).astype(self.dtype)
+    return jnp.take(self.embed_tokens(), tokens_BxT, axis=0).astype(jnp.float32)
 
   def logits(self, hidden_BxTxD):
-    """LM head in the compute dtype, returned as f32 (what sampling and losses want)."""
+    """LM head (inputs in the compute dtype), f32 logits (what sampling and losses want)."""
     if self.cfg.tie_word_embeddings:
       w = self.embed_tokens().T
     else:
       w = self.lm_head()
-    return (hidden_BxTxD.astype(self.dtype) @ w.astype(self.dtype)).astype(jnp.float32)
+    return dense(hidden_BxTxD, w, self.dtype)
 
   def __call__(self, tokens_BxT, positions_BxT, cache: Optional[KVCache] = None,
                mask_BxTxS=None, return_logits: bool = True):
@@ -264,7 +306,7 @@ class LlamaModel(nn.Module):
         raise ValueError("a forward with a KV cache needs an explicit attention mask")
       mask_BxTxS = causal_mask(b, t)
     x = self.embed(tokens_BxT)
-    rope = rope_tables(self.cfg, positions_BxT, self.dtype)
+    rope = rope_tables(self.cfg, positions_BxT, jnp.float32)
     new_k, new_v = [], []
     for i, layer in enumerate(self.layers):
       kv = None if cache is None else (cache.k[i], cache.v[i])

@@ -72,6 +72,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.heads.num_layers = 1  # blocks per head (Hydra++ recipe: 4)
   c.heads.shared_inner = True  # the L-1 inner blocks are ONE module (as the released checkpoints)
   c.heads.dropout = 0.0  # dropout before every block and the LM head (Hydra++ recipe: 0.2)
+  c.heads.lm_head = "own"  # "own": an LM head per head (the paper); "base": reuse the base's
+  c.heads.draft_vocab_size = 0  # >0: heads rank only the N most frequent training tokens
   c.heads.init_from = ""  # optional dir of heads (save_heads format) to start from instead of random
 
   c.data = ml_collections.ConfigDict()

@@ -27,7 +27,7 @@ import json
 import logging
 import os
 import zlib
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import ml_collections
 import numpy as np
@@ -447,6 +447,27 @@ def build_datasets(data_cfg, tokenizer, seq_len: int, global_batch_size: int, se
                      f"{global_batch_size}; lower global_batch_size or add data")
   log.info("data: %s", {k: v for k, v in stats.items() if k != "skipped_examples"})
   return train, evals, stats
+
+
+def draft_vocabulary(train: "BatchIterator", vocab_size: int, size: int) -> Tuple[int, ...]:
+  """The `size` most frequent target tokens of the TRAINING rows, most frequent first.
+
+  The heads' draft vocabulary (EAGLE-3, FR-Spec): what the heads will be asked to predict
+  is what the training targets hold. Ties go to the lower id, so the list is reproducible.
+  """
+  rows, indices = train.rows, train.indices
+  if isinstance(rows, WindowRows):
+    tokens = np.concatenate([rows.stream[i * rows.seq_len:(i + 1) * rows.seq_len]
+                             for i in indices]) if len(indices) else np.zeros([0], np.int32)
+  else:
+    keep = np.zeros(len(rows.tokens), bool)
+    for i in indices:
+      a, b = rows.offsets[i], rows.offsets[i + 1]
+      keep[a:b] = rows.masks[a:b] > 0
+    tokens = rows.tokens[keep]
+  counts = np.bincount(tokens, minlength=vocab_size)[:vocab_size]
+  order = np.lexsort((np.arange(vocab_size), -counts))  # count descending, then id
+  return tuple(int(i) for i in order[:size])
 
 
 def _count_targets(rows, indices: np.ndarray, seq_len: int) -> int:

@@ -43,7 +43,8 @@ def accumulate(eval_step: Callable, params, base_params, batches: Iterable,
 # The eval step's flat keys "{name}_head_{k}" -> the per-head arrays used here.
 _STEP_NAMES = {"count": "weight", "top1_data": "top1", "top5_data": "top5",
                "top1_base": "base_top1", "top5_base": "base_top5", "hard_sum": "hard",
-               "soft_sum": "soft", "rank_counts_base": "base_rank_counts"}
+               "soft_sum": "soft", "rank_counts_base": "base_rank_counts",
+               "count_base": "base_weight"}
 
 
 def stack_heads(flat: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
@@ -89,7 +90,7 @@ def geometric_rank_accuracy(top1: float, top5: float, num_ranks: int) -> np.ndar
 
 def rank_accuracy_matrix(sums: Dict[str, np.ndarray], num_ranks: int) -> np.ndarray:
   """acc [K, R]: P(the base's greedy token is head k's rank-r candidate)."""
-  weight = np.maximum(np.asarray(sums["weight"], np.float64), 1e-12)
+  weight = np.maximum(np.asarray(sums.get("base_weight", sums["weight"]), np.float64), 1e-12)
   if "base_rank_counts" in sums:
     counts = np.asarray(sums["base_rank_counts"], np.float64)
     out = np.zeros((counts.shape[0], num_ranks))
@@ -117,10 +118,14 @@ def summarize(sums: Dict[str, np.ndarray], tree=None) -> Dict[str, Any]:
   num_heads = weight.shape[0]
   denom = np.maximum(weight, 1e-12)
   out: Dict[str, Any] = {"eval_tokens": float(weight[0]) if num_heads else 0.0}
+  # "vs base" accuracies are over every position ("base_weight"); the others over those
+  # whose data token the heads' (draft) vocabulary holds.
+  base_denom = np.maximum(np.asarray(sums.get("base_weight", weight), np.float64), 1e-12)
   for k in range(num_heads):
     for key in ("top1", "top5", "base_top1", "base_top5"):
       if key in sums:
-        out[f"{key}_head_{k}"] = float(sums[key][k] / denom[k])
+        d = base_denom if key.startswith("base_") else denom
+        out[f"{key}_head_{k}"] = float(sums[key][k] / d[k])
     for key in ("hard", "soft"):
       if key in sums:
         out[f"{key}_loss_head_{k}"] = float(sums[key][k] / denom[k])

@@ -13,6 +13,12 @@ rematerialised (jax.checkpoint), so the largest live logits buffers are one head
 built, for any head. The base LM head runs once per chunk (with a K - 1 halo), not once per
 head. Everything is returned as per-head SUMS with their weight sums, so that means over
 many batches, devices or eval passes are exact.
+
+Heads with a draft vocabulary (`draft_ids`, V' token ids) have V'-wide logits. A target
+outside it can never be proposed: it is left out of the hard loss and the accuracies (weight
+0; "weight" counts what is left), the teacher distribution is the base's renormalised over
+the V' tokens, and the "vs base" accuracies still compare with the base's argmax over the
+FULL vocabulary (a base argmax outside V' counts as a miss: that is what decoding sees).
 """
 
 from __future__ import annotations
@@ -70,28 +76,46 @@ def _pick(logits_xV: jax.Array, ids_x: jax.Array) -> jax.Array:
                  axis=-1)
 
 
-def _head_sums(head_logits_fn, k: int, teacher: bool, evaluation: bool,
+def _head_sums(head_logits_fn, k: int, teacher: bool, evaluation: bool, to_draft,
                feats_BxCxD, targets_BxC, weights_BxC, base_logits_BxCxV):
-  """Masked SUMS for one head on one chunk: weight, hard CE, (soft CE), accuracies."""
+  """Masked SUMS for one head on one chunk: weight, hard CE, (soft CE), accuracies.
+
+  to_draft: None, or (int32 [V] token id -> draft index or -1, int32 [V'] draft ids).
+  """
   logits = head_logits_fn(k, feats_BxCxD).astype(jnp.float32)
   logz = jax.nn.logsumexp(logits, axis=-1)
+  w = w_all = weights_BxC  # w: positions whose target the heads can propose
+  if to_draft is not None:
+    index_of, draft_ids = to_draft
+    targets_BxC = jnp.take(index_of, targets_BxC)
+    w = w * (targets_BxC >= 0)
+    targets_BxC = jnp.maximum(targets_BxC, 0)
   tgt_logit = _pick(logits, targets_BxC)
-  w = weights_BxC
   out = {"weight": jnp.sum(w), "hard": jnp.sum(w * (logz - tgt_logit))}
   rank = jax.lax.stop_gradient(_rank(logits, tgt_logit))
   out["top1"] = jnp.sum(w * (rank < 1))
   if teacher:
-    p = jax.nn.softmax(jax.lax.stop_gradient(base_logits_BxCxV).astype(jnp.float32), axis=-1)
+    teacher_logits = jax.lax.stop_gradient(base_logits_BxCxV).astype(jnp.float32)
+    if to_draft is not None:
+      teacher_logits = jnp.take(teacher_logits, to_draft[1], axis=-1)
+    p = jax.nn.softmax(teacher_logits, axis=-1)
     # -sum_v p_v log q_v = logsumexp(z) - sum_v p_v z_v, since sum_v p_v = 1.
     out["soft"] = jnp.sum(w * (logz - jnp.sum(p * logits, axis=-1)))
   if evaluation:
     out["top5"] = jnp.sum(w * (rank < 5))
     base_ids = jnp.argmax(base_logits_BxCxV, axis=-1)
-    base_rank = _rank(logits, _pick(logits, base_ids))
-    out["base_top1"] = jnp.sum(w * (base_rank < 1))
-    out["base_top5"] = jnp.sum(w * (base_rank < 5))
+    if to_draft is None:
+      base_rank = _rank(logits, _pick(logits, base_ids))
+    else:  # the base's full-vocabulary argmax; outside the draft vocab it is a miss
+      base_idx = jnp.take(to_draft[0], base_ids)
+      base_rank = jnp.where(base_idx >= 0,
+                            _rank(logits, _pick(logits, jnp.maximum(base_idx, 0))), EVAL_RANKS)
+    # Against the base's argmax: every position counts (w_all), a miss where V' lacks it.
+    out["base_top1"] = jnp.sum(w_all * (base_rank < 1))
+    out["base_top5"] = jnp.sum(w_all * (base_rank < 5))
+    out["base_weight"] = jnp.sum(w_all)
     out["base_rank_counts"] = jnp.sum(
-        w[..., None] * jax.nn.one_hot(base_rank, EVAL_RANKS, dtype=jnp.float32), axis=(0, 1))
+        w_all[..., None] * jax.nn.one_hot(base_rank, EVAL_RANKS, dtype=jnp.float32), axis=(0, 1))
   return out
 
 
@@ -100,7 +124,8 @@ def head_sums(head_logits_fn: Callable[[int, jax.Array], jax.Array],
               *, base_hidden_BxTxD: Optional[jax.Array] = None,
               base_logits_fn: Optional[Callable[[jax.Array], jax.Array]] = None,
               chunk: int = 0, teacher: bool = False, evaluation: bool = False,
-              constrain: Optional[Callable[[jax.Array, int], jax.Array]] = None
+              constrain: Optional[Callable[[jax.Array, int], jax.Array]] = None,
+              draft_ids: Optional[np.ndarray] = None, vocab_size: int = 0
               ) -> Dict[str, jax.Array]:
   """Per-head masked sums, each a [K] f32 array, computed chunk by chunk over T.
 
@@ -111,6 +136,7 @@ def head_sums(head_logits_fn: Callable[[int, jax.Array], jax.Array],
   chunk: T-chunk size (0 or >= T: one chunk). T is zero-padded to a multiple of it.
   constrain(x, batch_dim) -> x: pins the batch dim's sharding of the chunked arrays
     (the train step passes a with_sharding_constraint over the data axes; None = no-op).
+  draft_ids: the heads' draft vocabulary (int [V'], of a vocab_size-token base), or None.
   Keys: weight, hard, top1 [, soft] [, top5, base_top1, base_top5, base_rank_counts [K, R]].
   """
   pin = constrain or (lambda x, batch_dim: x)
@@ -137,8 +163,13 @@ def head_sums(head_logits_fn: Callable[[int, jax.Array], jax.Array],
     halo = c + num_heads - 1
     hidden_pad = pin(jnp.pad(base_hidden_BxTxD, [(0, 0), (0, pad + num_heads), (0, 0)]), 0)
 
+  to_draft = None
+  if draft_ids is not None:
+    index_of = np.full((vocab_size,), -1, np.int32)
+    index_of[np.asarray(draft_ids)] = np.arange(len(draft_ids), dtype=np.int32)
+    to_draft = (jnp.asarray(index_of), jnp.asarray(draft_ids, jnp.int32))
   head_fns = [jax.checkpoint(functools.partial(_head_sums, head_logits_fn, k, teacher,
-                                               evaluation)) for k in range(num_heads)]
+                                               evaluation, to_draft)) for k in range(num_heads)]
 
   @jax.checkpoint
   def body(carry, xs):
@@ -156,7 +187,7 @@ def head_sums(head_logits_fn: Callable[[int, jax.Array], jax.Array],
     return jax.tree.map(jnp.add, carry, stacked), None
 
   keys = ["weight", "hard", "top1"] + (["soft"] if teacher else []) + (
-      ["top5", "base_top1", "base_top5"] if evaluation else [])
+      ["top5", "base_top1", "base_top5", "base_weight"] if evaluation else [])
   init = {key: jnp.zeros((num_heads,), jnp.float32) for key in keys}
   if evaluation:
     init["base_rank_counts"] = jnp.zeros((num_heads, EVAL_RANKS), jnp.float32)

@@ -27,7 +27,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from hydra_jax.model.config import ModelConfig
-from hydra_jax.model.heads import DraftHeads, HeadsConfig, init_heads
+from hydra_jax.model.heads import DraftHeads, HeadsConfig, init_heads, shared_lm_kernel
 from hydra_jax.model.llama import LlamaModel, init_params
 from hydra_jax.training import config_base, losses
 from hydra_jax.training.optimizer import current_lr
@@ -109,8 +109,11 @@ def _forward_sums(base_model, heads_model, heads_params, base_params, batch, *, 
                             method=DraftHeads.training_features)
   targets, weights = losses.shift_targets(tokens, batch["loss_mask"], num_heads)
 
+  hcfg = heads_model.cfg
+  base_lm = shared_lm_kernel(hcfg, base_model.cfg, base_params)  # lm_head "base": frozen
+
   def head_logits(k, feats_BxCxD):
-    return heads_model.apply({"params": heads_params}, k, feats_BxCxD,
+    return heads_model.apply({"params": heads_params}, k, feats_BxCxD, base_lm,
                              method=DraftHeads.lm_logits)
 
   def base_logits(hidden_BxSxD):
@@ -119,7 +122,9 @@ def _forward_sums(base_model, heads_model, heads_params, base_params, batch, *, 
   constrain = None if mesh is None else functools.partial(_pin_batch, mesh)
   return losses.head_sums(head_logits, feats, targets, weights, base_hidden_BxTxD=hidden,
                           base_logits_fn=base_logits, chunk=chunk, teacher=teacher,
-                          evaluation=evaluation, constrain=constrain)
+                          evaluation=evaluation, constrain=constrain,
+                          draft_ids=hcfg.draft_ids if hcfg.draft_vocab else None,
+                          vocab_size=base_model.cfg.vocab_size)
 
 
 def _pin_batch(mesh, x, batch_dim):
@@ -218,7 +223,8 @@ def build_eval_step(model_cfg: ModelConfig, heads_cfg: HeadsConfig, train_cfg, m
                          mesh=mesh)
     names = {"weight": "count", "top1": "top1_data", "top5": "top5_data",
              "base_top1": "top1_base", "base_top5": "top5_base", "hard": "hard_sum",
-             "soft": "soft_sum", "base_rank_counts": "rank_counts_base"}
+             "soft": "soft_sum", "base_rank_counts": "rank_counts_base",
+             "base_weight": "count_base"}
     return {f"{names[key]}_head_{k}": sums[key][k] for key in names for k in range(num_heads)}
 
   return jax.jit(eval_step, in_shardings=(param_shardings, base_shardings, batch_sharding(mesh)),

@@ -37,7 +37,7 @@ from hydra_jax.checkpoint.heads_io import (base_weights_fingerprint, load_heads,
 from hydra_jax.model.config import ModelConfig
 from hydra_jax.model.heads import HeadsConfig
 from hydra_jax.training import checkpointing, evaluation, losses, metrics_log
-from hydra_jax.training.data import BatchIterator, build_datasets
+from hydra_jax.training.data import BatchIterator, build_datasets, draft_vocabulary
 from hydra_jax.training.errors import (CheckpointWriteError, ConfigError, TrainingDivergedError,
                                        is_out_of_space, short_reason)
 from hydra_jax.training.host_loop import HostLoop, to_host
@@ -61,7 +61,7 @@ def heads_config_from(config, base_cfg: ModelConfig) -> HeadsConfig:
   try:
     return HeadsConfig.for_base(base_cfg, h.arch, num_heads=int(h.num_heads),
                                 num_layers=int(h.num_layers), shared_inner=bool(h.shared_inner),
-                                dropout=float(h.dropout))
+                                dropout=float(h.dropout), lm_head=str(h.lm_head))
   except ValueError as e:
     raise ConfigError(f"config.heads: {e}") from e
 
@@ -79,6 +79,10 @@ def check_config(config, base_cfg: ModelConfig) -> None:
         f"seq_len={config.seq_len} leaves no target for the last of {k} heads (head k "
         f"predicts token t+k+2); use seq_len >= {k + 2} or fewer heads")
   heads_config_from(config, base_cfg)
+  size = int(config.heads.draft_vocab_size)
+  if not 0 <= size <= base_cfg.vocab_size:
+    raise ConfigError(f"heads.draft_vocab_size={size} must lie in [0, {base_cfg.vocab_size}] "
+                      f"(0 = the full vocabulary)")
   for field in ("base_dtype", "compute_dtype"):
     _check_choice(f"train.{field}", config.train[field], tuple(_DTYPES))
   _check_choice("train.loss", config.train.loss, losses.LOSS_KINDS)
@@ -264,6 +268,11 @@ def _build_data(run: _Run) -> None:
       c.data, run.base.tokenizer, int(c.seq_len), int(c.global_batch_size), int(c.seed),
       max_len=run.base.config.max_position_embeddings)
   run.total_steps = int(c.num_steps) or int(c.num_epochs) * run.train_it.steps_per_epoch
+  size = int(c.heads.draft_vocab_size)
+  if size:  # the heads' vocabulary comes from the data, so the config gets it only now
+    ids = draft_vocabulary(run.train_it, run.base.config.vocab_size, size)
+    run.heads_cfg = run.heads_cfg.replace(draft_vocab=ids)
+    run.meta["heads_config"] = run.heads_cfg.to_dict()
 
 
 def _init_or_restore(run: _Run, opt, base_params):
@@ -331,9 +340,9 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
              ckpt=ckpt, meta=meta,
              export_dir=os.path.abspath(config.export_dir or os.path.join(workdir, "heads")))
   try:
-    _check_latest_checkpoint_early(run)
     run.mesh = _make_mesh(config)
-    _build_data(run)
+    _build_data(run)  # before the resume check: a draft vocabulary comes from the data
+    _check_latest_checkpoint_early(run)
     final = _already_complete(run)
     if final is None:
       final = _train(run)

@@ -1,0 +1,101 @@
+"""How the shipped draft heads were trained: one recipe per base model, shared by its kinds.
+
+The three kinds of one base (Medusa, Hydra, Hydra++) see the same data, batch, steps and
+optimizer, so they compare like with like; only the head architecture differs (and Hydra++'s
+teacher loss, as in the paper). Both bases are distilled on their OWN output (the text their
+heads will draft for):
+
+  tiny_shakespeare  greedy continuations of training-split speeches (`embedded`
+                    --self-distill); 4 heads, own LM heads over the 1,024 most frequent
+                    training tokens (of 2,048).
+  smollm2           Magpie conversations (`training.magpie`: the model writes the questions
+                    and answers them); 4 heads sharing the base's LM head over a 4,096-token
+                    draft vocabulary (of 49,152), which keeps all three kinds small enough to
+                    ship in the package.
+
+configs/{embedded,smollm2}_{medusa,hydra,hydra_pp}.py are one-line wrappers of these.
+"""
+
+from __future__ import annotations
+
+import os
+
+from hydra_jax.training.config_base import base_config
+
+KINDS = {
+    # kind: (arch, blocks per head, dropout, loss)
+    "medusa": ("medusa", 1, 0.0, "hard"),
+    "hydra": ("hydra", 1, 0.0, "hard"),
+    "hydra_pp": ("hydra++", 4, 0.2, "teacher"),
+}
+
+
+def _heads(c, kind: str) -> None:
+  arch, layers, dropout, loss = KINDS[kind]
+  c.heads.arch = arch
+  c.heads.num_heads = 4  # as the paper: head k predicts token t+k+2
+  c.heads.num_layers = layers
+  c.heads.shared_inner = True  # inner blocks as one module, like the released checkpoints
+  c.heads.dropout = dropout
+  c.train.loss = loss  # hard labels are the base's own greedy tokens here; Hydra++: soft CE
+
+
+def embedded(kind: str, num_steps: int = 300):
+  """Heads for the embedded TinyShakespeare model (hydra_jax/assets/tiny_shakespeare)."""
+  from hydra_jax import embedded as emb
+  c = base_config()
+  c.model_path = emb.MODEL_DIR  # the shipped base (f16 safetensors, loaded as f32)
+  c.base_name = "tiny_shakespeare"  # informational: not a BASE_MODELS entry
+  _heads(c, kind)
+  c.heads.lm_head = "own"  # an LM head per head, initialised from the base's (the paper)
+  c.heads.draft_vocab_size = 1024  # half the vocabulary: same predicted tau, half the LM heads
+  c.data.source = "sharegpt"  # the base's own greedy replies (self-distillation)
+  c.data.path = emb.require_self_distill_file()
+  c.data.template = "plain"  # prompt + newline + reply, as the prompts were rendered
+  c.data.eval_fraction = 0.05  # the trainer's eval conversations, held out of training
+  c.seq_len = 256  # the base was pretrained on 256-token windows
+  c.global_batch_size = 8
+  # 300 steps x 8 x 256 tokens = 614k tokens, 1.2 epochs of the self-distilled data; the
+  # warmup was fixed at 50 steps when the shipped heads were trained.
+  _cpu_run(c, num_steps, lr=2e-3, warmup_steps=50)
+  return c
+
+
+def smollm2(kind: str, num_steps: int = 160):
+  """Heads for SmolLM2-135M-Instruct (python -m hydra_jax.models path smollm2)."""
+  from hydra_jax import models
+  c = base_config()
+  c.model_path = models.model_path("smollm2")
+  c.base_name = "smollm2-135m-instruct"
+  _heads(c, kind)
+  c.heads.lm_head = "base"  # the base's LM head (frozen), restricted to the draft vocabulary
+  c.heads.draft_vocab_size = 4096
+  c.data.source = "sharegpt"
+  c.data.path = os.environ.get("HYDRA_SMOLLM2_DATA") or os.path.join(
+      models.cache_root(), "smollm2_magpie_v1.jsonl")
+  c.data.template = "chat_template"  # ChatML; loss on the assistant replies only
+  c.data.eval_fraction = 0.05
+  c.seq_len = 384  # a question + a 256-token answer in ChatML fits: little padding
+  c.global_batch_size = 4
+  # 160 steps x 4 x 384 tokens = 246k tokens, ~1.4 epochs of 480 Magpie conversations: what
+  # fitted one session on one CPU core (about 30 minutes for Hydra++).
+  _cpu_run(c, num_steps, lr=1e-3, warmup_steps=16)
+  return c
+
+
+def _cpu_run(c, num_steps: int, lr: float, warmup_steps: int = 0) -> None:
+  """A short run on a CPU: f32, one device, evaluation at the end."""
+  c.train.base_dtype = "float32"
+  c.train.compute_dtype = "float32"
+  c.train.logits_chunk = 128
+  c.optimizer.lr = lr  # above the recipe's 5e-4: hundreds of steps, not thousands
+  c.optimizer.warmup_steps = warmup_steps or max(num_steps // 12, 10)
+  c.optimizer.final_lr_multiplier = 0.33
+  c.optimizer.clip_norm = 1.0
+  c.num_steps = num_steps
+  c.mesh_shape = (1, -1, 1)
+  c.checkpoint_every = 25  # ~10 min of CPU between checkpoints (runs resume)
+  c.keep_checkpoints = 1
+  c.eval_every = 0  # evaluate at the end only (saves CPU time)
+  c.eval_tree = "mc_sim_7b_63"  # tree for the predicted accept length
+  c.log_every = 10
