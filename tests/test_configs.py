@@ -20,8 +20,11 @@ from hydra_jax.training import config_base
 
 REPO = config_base.REPO_ROOT
 PRESETS = sorted(glob.glob(os.path.join(REPO, "configs", "[a-z]*.py")))
-# The big presets (BASE_MODELS bases); tiny_cpu and embedded_* run real small models.
-BIG = [p for p in PRESETS if not os.path.basename(p).startswith(("tiny_cpu", "embedded_"))]
+# The big presets (BASE_MODELS bases); tiny_cpu, embedded_* and smollm2_* run real small
+# models (smollm2_* would download SmolLM2: test_smollm2_recipes_differ_only_in_the_heads).
+BIG = [p for p in PRESETS
+       if not os.path.basename(p).startswith(("tiny_cpu", "embedded_", "smollm2_"))]
+SMOLLM2 = [p for p in PRESETS if os.path.basename(p).startswith("smollm2_")]
 
 # Published parameter counts (the model cards / HF `num_parameters()`), not computed by us.
 KNOWN_BASE_PARAMS = {
@@ -206,3 +209,22 @@ def test_readme_tiny_cpu_command_runs_from_a_clone_without_torch(tmp_path):
                          env=env, timeout=900)
   assert again.returncode == 0, again.stderr[-3000:]
   assert "training is already complete: checkpoint 40 of 40 steps" in again.stderr
+
+
+def test_smollm2_recipes_differ_only_in_the_heads(monkeypatch, tmp_path):
+  """The three SmolLM2 configs share data, batch, steps and optimizer (the comparison is fair);
+  the model path is stubbed so that nothing is downloaded."""
+  from hydra_jax import models
+  monkeypatch.setattr(models, "model_path", lambda name: str(tmp_path / name))
+  cfgs = {os.path.basename(p): _load(p).to_dict() for p in SMOLLM2}
+  assert sorted(cfgs) == ["smollm2_hydra.py", "smollm2_hydra_pp.py", "smollm2_medusa.py"]
+  arches = set()
+  for c in cfgs.values():
+    arches.add(c["heads"]["arch"])
+    assert c["heads"]["lm_head"] == "base" and c["heads"]["draft_vocab_size"] == 4096
+    assert c["model_path"] == str(tmp_path / "smollm2")
+  assert arches == {"medusa", "hydra", "hydra++"}
+  shared = lambda c: {k: v for k, v in c.items() if k not in ("heads", "train")}
+  first = shared(next(iter(cfgs.values())))
+  for c in cfgs.values():
+    assert shared(c) == first
