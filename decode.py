@@ -161,6 +161,14 @@ def main(argv=None) -> int:
   # Importing orbax (heads checkpoints) installs a handler on the root logger; propagating
   # there printed every line a second time, as "INFO:hydra_jax.decoding:...".
   logger.propagate = False
+  try:
+    return _run(args)
+  finally:  # called in-process (tests, notebooks): leave no handler on a stream that may close
+    logger.removeHandler(handler)
+    logger.propagate = True
+
+
+def _run(args) -> int:
   # Heavy imports after argument parsing, so --help and usage errors are instant.
   from hydra_jax.checkpoint.hf import CheckpointError
   from hydra_jax.decoding.api import DecodeInputError, generate, load_model, resolve_mesh

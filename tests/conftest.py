@@ -16,3 +16,21 @@ import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "float32")
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+import logging  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_log_handlers():
+  """A CLI's main() run in-process may attach a handler to pytest's captured stderr; once that
+  stream closes, later log lines print "--- Logging error ---" tracebacks into other tests."""
+  loggers = [logging.getLogger(), logging.getLogger("hydra_jax")]
+  before = [list(lg.handlers) for lg in loggers]
+  yield
+  for lg, kept in zip(loggers, before):
+    for h in list(lg.handlers):
+      if h not in kept:
+        lg.removeHandler(h)
