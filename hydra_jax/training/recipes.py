@@ -62,7 +62,17 @@ def embedded(kind: str, num_steps: int = 300):
 
 
 def smollm2(kind: str, num_steps: int = 160):
-  """Heads for SmolLM2-135M-Instruct (python -m hydra_jax.models path smollm2)."""
+  """Heads for SmolLM2-135M-Instruct (python -m hydra_jax.models path smollm2).
+
+  Data: Magpie self-distillation, no dataset: the model writes user questions from its chat
+  template's pre-query prefix and answers them greedily; MT-Bench is never used. From the
+  repository root (one CPU core: ~30 min for Hydra++; runs resume), then ship the heads (bf16):
+    python -m hydra_jax.training.magpie --model smollm2 --num-queries 480 \
+        --out ~/.cache/hydra_jax/smollm2_magpie_v1.jsonl      # once, for all three kinds
+    python train.py --config configs/smollm2_KIND.py --workdir /work/smollm2_heads/KIND
+    python -m hydra_jax.models ship-heads smollm2 /work/smollm2_heads/KIND/heads KIND
+  Results: hydra_jax/assets/smollm2/heads/README.md.
+  """
   from hydra_jax import models
   c = base_config()
   c.model_path = models.model_path("smollm2")
