@@ -65,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--model", required=True,
                  help="a Hugging Face model directory, a llama.cpp FILE.gguf, or a known model's "
-                      "name (python -m hydra_jax.models list), e.g. smollm2")
+                      "name (python -m hydra_jax.registry.models list), e.g. smollm2")
   src = p.add_mutually_exclusive_group(required=True)
   src.add_argument("--prompt", help="one text prompt")
   src.add_argument("--prompts-file", help='JSONL: {"prompt": TEXT} or {"prompt_ids": [ids]}')
@@ -176,7 +176,7 @@ def _run(args) -> int:
   from hydra_jax.model.config import UnsupportedModelError
   from hydra_jax.model.heads import HeadsMismatchError
 
-  from hydra_jax.models import RegistryError
+  from hydra_jax.registry.models import RegistryError
   if args.coordinator:
     import jax
     jax.distributed.initialize(coordinator_address=args.coordinator,

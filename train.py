@@ -135,7 +135,7 @@ def main(argv):
     logging.get_absl_handler().addFilter(_DropOrbaxLogs())
   # After the flags: keeps --help and usage errors fast.
   from hydra_jax.checkpoint.hf import CheckpointError
-  from hydra_jax.embedded import EmbeddedAssetError
+  from hydra_jax.registry.embedded import EmbeddedAssetError
   from hydra_jax.model.config import UnsupportedModelError
   from hydra_jax.model.heads import HeadsMismatchError
   from hydra_jax.training.errors import TrainingError

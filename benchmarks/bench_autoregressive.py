@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from hydra_jax.decoding.api import generate, load_model  # noqa: E402
-from hydra_jax.testing import make_hf_model  # noqa: E402
+from hydra_jax.tools.testing import make_hf_model  # noqa: E402
 
 MODEL = dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_layers=6,
              num_heads=8, num_kv_heads=8, max_position_embeddings=2048, weight_std=0.02,

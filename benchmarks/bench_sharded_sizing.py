@@ -72,7 +72,7 @@ def size_one(cfg, data: int, tensor: int, batch: int, tree):
   import jax
   import jax.numpy as jnp
   from hydra_jax.decoding import collectives
-  from hydra_jax.decoding import mesh as decode_mesh
+  from hydra_jax.parallel import mesh as decode_mesh
   from hydra_jax.decoding.engine import DecodeEngine
   from hydra_jax.model.heads import HeadsConfig, param_shapes
   heads_cfg = HeadsConfig.for_base(cfg, "hydra++", num_heads=4, num_layers=4, dropout=0.2)
@@ -157,7 +157,7 @@ def collectives_report(name: str, data: int = 1, tensor: int = 4, batch: int = 1
   import jax
   import jax.numpy as jnp
   from hydra_jax.decoding import collectives
-  from hydra_jax.decoding import mesh as decode_mesh
+  from hydra_jax.parallel import mesh as decode_mesh
   from hydra_jax.decoding.engine import DecodeEngine
   from hydra_jax.decoding.tree import resolve_tree
   cfg = base_models()[name]
@@ -220,7 +220,7 @@ def load_check(log=print) -> str:
   import socket
   import subprocess
   import tempfile
-  from hydra_jax.testing import make_hf_model
+  from hydra_jax.tools.testing import make_hf_model
   model_dir = os.path.join(tempfile.gettempdir(), "hydra_jax_load_check")
   if not os.path.isfile(os.path.join(model_dir, "config.json")):
     log("writing a random ~0.9 GB checkpoint to " + model_dir)

@@ -194,7 +194,7 @@ def measure(args) -> List[Dict[str, Any]]:
 
 def _candidates(args, name: str, dtype: str):
   """(model, dtype, kind, tree, size, phase, timer) for every row of one model and dtype."""
-  from hydra_jax import embedded
+  from hydra_jax.registry import embedded
   from hydra_jax.decoding.api import load_draft_heads, load_model
   from hydra_jax.decoding.engine import DecodeEngine
   from hydra_jax.decoding.step_timing import steady_state_timer

@@ -21,7 +21,8 @@ import numpy as np
 from hydra_jax.model.config import ModelConfig
 from hydra_jax.model.heads import HeadsConfig
 from hydra_jax.model.llama import LlamaModel, init_params
-from hydra_jax.training import optimizer, sharding, step
+from hydra_jax.parallel import sharding
+from hydra_jax.training import optimizer, step
 
 
 def tiny_config(vocab: int) -> ModelConfig:

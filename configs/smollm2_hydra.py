@@ -1,15 +1,15 @@
-"""Hydra heads for SmolLM2-135M-Instruct (`python -m hydra_jax.models path smollm2`).
+"""Hydra heads for SmolLM2-135M-Instruct (`python -m hydra_jax.registry.models path smollm2`).
 
 Sequentially dependent heads (each reads the base hidden state and the
 embeddings of its path), 4 heads x 1 block, hard labels.
 The heads share the base's LM head over a 4,096-token draft vocabulary.
 
-Data, budget and the run: hydra_jax.training.recipes.smollm2 (shared by the three kinds):
+Data, budget and the run: hydra_jax.recipes.shipped_heads.smollm2 (shared by the three kinds):
   python train.py --config configs/smollm2_hydra.py --workdir /work/smollm2_heads/hydra
 """
 
-from hydra_jax.training import recipes
+from hydra_jax.recipes import shipped_heads
 
 
 def get_config():
-  return recipes.smollm2("hydra")
+  return shipped_heads.smollm2("hydra")

@@ -1,15 +1,15 @@
-"""Medusa-1 heads for SmolLM2-135M-Instruct (`python -m hydra_jax.models path smollm2`).
+"""Medusa-1 heads for SmolLM2-135M-Instruct (`python -m hydra_jax.registry.models path smollm2`).
 
 Sequentially independent heads (one ResBlock on the base hidden state
 each), 4 heads x 1 block, hard labels.
 The heads share the base's LM head over a 4,096-token draft vocabulary.
 
-Data, budget and the run: hydra_jax.training.recipes.smollm2 (shared by the three kinds):
+Data, budget and the run: hydra_jax.recipes.shipped_heads.smollm2 (shared by the three kinds):
   python train.py --config configs/smollm2_medusa.py --workdir /work/smollm2_heads/medusa
 """
 
-from hydra_jax.training import recipes
+from hydra_jax.recipes import shipped_heads
 
 
 def get_config():
-  return recipes.smollm2("medusa")
+  return shipped_heads.smollm2("medusa")

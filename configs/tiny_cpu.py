@@ -2,7 +2,7 @@
 
 Runs from a fresh clone with nothing built or downloaded first: the base is the model the
 package ships (hydra_jax/assets/tiny_shakespeare) and the data is the TRAINING split of the
-repository's data/tinyshakespeare.txt (hydra_jax.embedded.train_split_file; the held-out
+repository's data/tinyshakespeare.txt (hydra_jax.registry.embedded.train_split_file; the held-out
 tail, where the benchmark prompts come from, is never read). About a minute on 2 CPU cores:
   python train.py --config configs/tiny_cpu.py --workdir /tmp/hydra_tiny_run
 Rerunning the same command resumes from the last checkpoint (or says the run is complete).
@@ -11,7 +11,7 @@ Real recipes: configs/embedded_*.py (the shipped heads) and configs/*_vicuna_*.p
 All fields and their meaning: hydra_jax/training/config_base.py.
 """
 
-from hydra_jax import embedded
+from hydra_jax.registry import embedded
 from hydra_jax.training.config_base import base_config
 
 

@@ -9,7 +9,7 @@
 #   with its shipped Hydra++ heads; lossless, but SLOWER than autoregressive decoding on a
 #   CPU today (~0.7x, see README "Results"); offline it falls back to the embedded model.
 #
-# python -m hydra_jax.demo prints the text with the tokens that came from accepted drafts
+# python -m hydra_jax.tools.demo prints the text with the tokens that came from accepted drafts
 # highlighted, then the accept length, tokens/s and the speedup over autoregressive decoding
 # measured in the same run, and whether the output equals autoregressive greedy decoding.
 #
@@ -17,7 +17,7 @@
 #   bash scripts/demo.sh --prompt "ROMEO:" --max-new-tokens 200 --no-color
 #   DEMO_MODEL=smollm2 bash scripts/demo.sh                  # the real chat model
 #
-# Extra flags go to hydra_jax.demo (python -m hydra_jax.demo --help). Environment:
+# Extra flags go to hydra_jax.tools.demo (python -m hydra_jax.tools.demo --help). Environment:
 # DEMO_MODEL (embedded (default), smollm2, or a Hugging Face model directory) with
 # DEMO_HEADS (heads trained for it; default MODEL/heads/hydra_pp, the embedded model's
 # hydra), DEMO_PROMPT, HYDRA_CACHE
@@ -44,12 +44,12 @@ want="${DEMO_MODEL:-embedded}"
 if [[ "$want" == "smollm2" ]]; then
   errs="$(mktemp)"
   trap 'rm -f "$errs"' EXIT
-  if smol="$("$VENV_PY" -m hydra_jax.models path smollm2 2>"$errs" | tail -n 1)" &&
-     smol_heads="$("$VENV_PY" -m hydra_jax.models path smollm2 --heads hydra_pp 2>>"$errs" | tail -n 1)"; then
+  if smol="$("$VENV_PY" -m hydra_jax.registry.models path smollm2 2>"$errs" | tail -n 1)" &&
+     smol_heads="$("$VENV_PY" -m hydra_jax.registry.models path smollm2 --heads hydra_pp 2>>"$errs" | tail -n 1)"; then
     args=(--model "$smol" --heads "${DEMO_HEADS:-$smol_heads}" --chat)
     args+=(--prompt "${DEMO_PROMPT:-What are three good ways to stay focused while studying?}")
     rm -f "$errs"
-    exec "$VENV_PY" -m hydra_jax.demo "${args[@]}" "$@"
+    exec "$VENV_PY" -m hydra_jax.tools.demo "${args[@]}" "$@"
   fi
   echo "note: SmolLM2 is not available here ($(tail -n 1 "$errs"));" \
        "showing the offline TinyShakespeare model instead" >&2
@@ -63,12 +63,12 @@ kind=hydra_pp
 heads="${DEMO_HEADS:-$model/heads/$kind}"
 
 # Our heads have heads_config.json (written last); DEMO_HEADS may also be a released Hydra /
-# Medusa directory, which hydra_jax.demo checks itself.
+# Medusa directory, which hydra_jax.tools.demo checks itself.
 if [[ -f "$model/config.json" && ( -f "$heads/heads_config.json" ||
       ( -n "${DEMO_HEADS:-}" && -d "$heads" ) ) ]]; then
   args=(--model "$model" --heads "$heads")
   [[ -n "${DEMO_PROMPT:-}" ]] && args+=(--prompt "$DEMO_PROMPT")
-  exec "$VENV_PY" -m hydra_jax.demo "${args[@]}" "$@"
+  exec "$VENV_PY" -m hydra_jax.tools.demo "${args[@]}" "$@"
 fi
 
 # The fallback: say what is missing, then decode autoregressively.
@@ -106,7 +106,7 @@ import jax
 from hydra_jax.checkpoint.hf import export_hf
 from hydra_jax.model.config import ModelConfig
 from hydra_jax.model.llama import init_params
-from hydra_jax.testing import SIMPLE_CHAT_TEMPLATE, make_tokenizer
+from hydra_jax.tools.testing import SIMPLE_CHAT_TEMPLATE, make_tokenizer
 
 out = sys.argv[1]
 tok = make_tokenizer(512, chat_template=SIMPLE_CHAT_TEMPLATE)

@@ -22,7 +22,7 @@ import os
 import shlex
 import sys
 
-from hydra_jax.pretrain import PretrainConfig, pretrain
+from hydra_jax.recipes.pretrain import PretrainConfig, pretrain
 
 
 def _flag_type(field):

@@ -59,7 +59,7 @@ def main(argv):
   assert jax.device_count() == 8 and jax.local_device_count() == 8 // num_processes
   from hydra_jax.checkpoint import sharded_load
   from hydra_jax.decoding.api import load_model, resolve_mesh
-  from hydra_jax.decoding.mesh import decode_shardings
+  from hydra_jax.parallel.mesh import decode_shardings
   mesh = resolve_mesh(MESH)
   model = load_model(model_dir, tokenizer=False, mesh=mesh)
   tokens = decode_all(model, mesh)

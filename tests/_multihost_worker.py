@@ -81,7 +81,8 @@ def run_steps(mesh, local_batch, arch="hydra++", num_steps=NUM_STEPS, train_cfg=
   host params before the first step / after `snapshot_at` steps, shardings, heads_cfg).
   """
   import jax
-  from hydra_jax.training import optimizer, sharding, step
+  from hydra_jax.parallel import sharding
+  from hydra_jax.training import optimizer, step
   cfg, heads_cfg = tiny_model_cfg(), tiny_heads_cfg(arch, **(heads_kw or {}))
   base_np = tiny_base_params()
   base = sharding.shard_base_params(base_np, mesh, model_cfg=cfg)
@@ -109,7 +110,7 @@ def cached_run(arch, mesh_shape, num_steps, loss="teacher", snapshot_at=None):
   """run_steps on the first prod(mesh_shape) local devices and the fixed global batch, memoised
   so test modules share the compiles (a run's state is final: never step it again)."""
   import jax
-  from hydra_jax.training import sharding
+  from hydra_jax.parallel import sharding
   devices = jax.devices()[:int(np.prod(mesh_shape))]
   mesh = sharding.make_mesh(mesh_shape, devices=devices)
   return run_steps(mesh, global_batch(), arch=arch, num_steps=num_steps,
@@ -136,7 +137,7 @@ def main(argv):
   jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",
                              num_processes=num_processes, process_id=process_id)
   assert jax.device_count() == 8, jax.devices()
-  from hydra_jax.training import sharding
+  from hydra_jax.parallel import sharding
   mesh = sharding.make_mesh((2, 2, 2))
   batch = global_batch()
   rows = GLOBAL_BATCH // num_processes

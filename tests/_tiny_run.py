@@ -12,7 +12,8 @@ import sys
 import jax
 from jax.experimental.compilation_cache import compilation_cache
 
-from hydra_jax import embedded, testing
+from hydra_jax.registry import embedded
+from hydra_jax.tools import testing
 from hydra_jax.training.config_base import REPO_ROOT
 
 MODEL_KW = dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,

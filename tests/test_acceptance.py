@@ -37,7 +37,7 @@ from hydra_jax.decoding.sampling import SamplingParams, process_logits
 from hydra_jax.decoding.tree import load_tree
 from hydra_jax.model.heads import HeadsConfig, base_lm_head_kernel, param_shapes
 from hydra_jax.model.llama import LlamaModel
-from hydra_jax.testing import make_hf_model
+from hydra_jax.tools.testing import make_hf_model
 
 V = 32
 PROMPT = [5, 17, 9, 22]

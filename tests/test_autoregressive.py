@@ -13,7 +13,7 @@ import torch
 from hydra_jax.decoding.engine import TRACE_COUNTS
 from hydra_jax.decoding.api import (DecodeInputError, encode_prompts, generate, get_engine,
                                     load_model)
-from hydra_jax.testing import SIMPLE_CHAT_TEMPLATE, make_hf_model, make_tokenizer
+from hydra_jax.tools.testing import SIMPLE_CHAT_TEMPLATE, make_hf_model, make_tokenizer
 
 MAX_NEW = 16
 EOS = 2

@@ -20,7 +20,7 @@ import sys
 import numpy as np
 import pytest
 
-from hydra_jax import embedded
+from hydra_jax.registry import embedded
 from hydra_jax.training.config_base import REPO_ROOT
 
 TRAIN = os.path.join(REPO_ROOT, "train.py")

@@ -1,4 +1,4 @@
-"""hydra_jax.bench end to end on a tiny random model with random Medusa and Hydra++ heads.
+"""hydra_jax.tools.bench end to end on a tiny random model with random Medusa and Hydra++ heads.
 
 The reference for "lossless" is our autoregressive greedy decoding, which the benchmark runs
 itself; here it is also recomputed independently with generate(mode="ar") and compared with
@@ -12,14 +12,14 @@ import jax
 import numpy as np
 import pytest
 
-from hydra_jax import bench
+from hydra_jax.tools import bench
 from hydra_jax.checkpoint.heads_io import save_heads
 from hydra_jax.checkpoint.hf import export_hf
 from hydra_jax.decoding import api
 from hydra_jax.model.config import ModelConfig
 from hydra_jax.model.heads import HeadsConfig, param_shapes
 from hydra_jax.model.llama import init_params
-from hydra_jax.testing import SIMPLE_CHAT_TEMPLATE, make_tokenizer
+from hydra_jax.tools.testing import SIMPLE_CHAT_TEMPLATE, make_tokenizer
 
 
 def _random_heads(cfg, model, seed, scale=0.05):

@@ -25,7 +25,7 @@ from hydra_jax.checkpoint.hf import (CheckpointError, expected_hf_keys, export_h
                                      load_hf_model)
 from hydra_jax.model.config import ModelConfig, UnsupportedModelError, to_hf_config  # noqa: E402
 from hydra_jax.model.llama import LlamaModel, init_params  # noqa: E402
-from hydra_jax.testing import SIMPLE_CHAT_TEMPLATE, make_hf_model, make_tokenizer  # noqa: E402
+from hydra_jax.tools.testing import SIMPLE_CHAT_TEMPLATE, make_hf_model, make_tokenizer  # noqa: E402
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2, vocab_size=256)
 WEIGHTS = "model.safetensors"

@@ -159,7 +159,7 @@ def test_big_preset_shapes_via_eval_shape(path):
 
 
 def test_tiny_cpu_trains_the_embedded_model_on_its_training_split():
-  from hydra_jax import embedded
+  from hydra_jax.registry import embedded
   cfg = _load(os.path.join(REPO, "configs", "tiny_cpu.py"))
   assert cfg.model_path == embedded.MODEL_DIR
   assert cfg.data.source == "text" and cfg.data.path == embedded.train_split_file()
@@ -213,16 +213,16 @@ def test_readme_tiny_cpu_command_runs_from_a_clone_without_torch(tmp_path):
 
 def test_smollm2_recipes_differ_only_in_the_heads(monkeypatch, tmp_path):
   """The three SmolLM2 configs share data, batch, steps and optimizer (the comparison is fair);
-  the model path is stubbed so that nothing is downloaded."""
-  from hydra_jax import models
-  monkeypatch.setattr(models, "model_path", lambda name: str(tmp_path / name))
+  they name the base by its registry name, so loading them downloads nothing."""
+  from hydra_jax.registry import models
+  monkeypatch.setattr(models, "prepare", lambda name: pytest.fail("a config load fetched " + name))
   cfgs = {os.path.basename(p): _load(p).to_dict() for p in SMOLLM2}
   assert sorted(cfgs) == ["smollm2_hydra.py", "smollm2_hydra_pp.py", "smollm2_medusa.py"]
   arches = set()
   for c in cfgs.values():
     arches.add(c["heads"]["arch"])
     assert c["heads"]["lm_head"] == "base" and c["heads"]["draft_vocab_size"] == 4096
-    assert c["model_path"] == str(tmp_path / "smollm2")
+    assert c["model_path"] == "smollm2"
   assert arches == {"medusa", "hydra", "hydra++"}
   shared = lambda c: {k: v for k, v in c.items() if k not in ("heads", "train")}
   first = shared(next(iter(cfgs.values())))

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from hydra_jax.testing import SIMPLE_CHAT_TEMPLATE, make_tokenizer
+from hydra_jax.tools.testing import SIMPLE_CHAT_TEMPLATE, make_tokenizer
 from hydra_jax.training import data as data_lib
 from hydra_jax.training import templates
 
@@ -212,7 +212,7 @@ def test_chat_rows_are_padded_or_truncated(tok, tmp_path):
 
 
 def _text_file(tmp_path, chars=6000):
-  from hydra_jax.testing import _corpus_text
+  from hydra_jax.tools.testing import _corpus_text
   p = tmp_path / "shakespeare.txt"
   p.write_text(_corpus_text(chars))
   return str(p)
@@ -374,7 +374,7 @@ def test_missing_tfds_is_a_clear_error(tok, monkeypatch):
 
 
 def test_long_documents_are_tokenized_in_newline_chunks_losslessly(tok, monkeypatch):
-  from hydra_jax.testing import _corpus_text
+  from hydra_jax.tools.testing import _corpus_text
   monkeypatch.setattr(data_lib, "_TEXT_CHUNK_CHARS", 200)
   docs = [_corpus_text(3000), "", "no newline at all " * 30]
   stream = data_lib._tokenize_documents(docs, tok)

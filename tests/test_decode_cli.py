@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from hydra_jax.testing import make_hf_model
+from hydra_jax.tools.testing import make_hf_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DECODE = os.path.join(REPO, "decode.py")

@@ -1,4 +1,4 @@
-"""hydra_jax.demo on a tiny random model with random heads: the printed report, the lossless
+"""hydra_jax.tools.demo on a tiny random model with random heads: the printed report, the lossless
 check against plain greedy decoding, the draft highlighting, and the missing-asset messages."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import jax
 import pytest
 
 import _tiny_run as tr
-from hydra_jax import demo
+from hydra_jax.tools import demo
 from hydra_jax.checkpoint.heads_io import save_heads
 from hydra_jax.decoding.api import generate, load_model
 from hydra_jax.model.heads import HeadsConfig, init_heads

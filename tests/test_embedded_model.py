@@ -24,7 +24,7 @@ transformers = pytest.importorskip("transformers")
 import hydra_jax  # noqa: E402
 from hydra_jax.checkpoint.hf import load_hf_model  # noqa: E402
 from hydra_jax.model.llama import LlamaModel  # noqa: E402
-from hydra_jax import embedded  # noqa: E402
+from hydra_jax.registry import embedded  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(hydra_jax.__file__)), "assets",
@@ -106,7 +106,7 @@ def test_learned_beyond_unigram(ours):
   split. The split is recomputed from the text; the model card states the same one."""
   if not os.path.isfile(DATA):
     pytest.skip(f"{DATA} is missing")
-  from hydra_jax.pretrain import split_text
+  from hydra_jax.registry.embedded import split_text
   with open(DATA, encoding="utf-8") as f:
     train_text, val_text = split_text(f.read(), 0.1)
   enc = ours.tokenizer.backend_tokenizer
@@ -135,14 +135,15 @@ TINY = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_layers=2, 
 
 def _tiny_data(tmp_path):
   """The first 60k characters of the corpus (or the testing fallback text)."""
-  from hydra_jax.testing import _corpus_text
+  from hydra_jax.tools.testing import _corpus_text
   path = tmp_path / "text.txt"
   path.write_text(_corpus_text(60_000))
   return str(path)
 
 
 def test_split_and_tokenizer(tmp_path):
-  from hydra_jax.pretrain import encode, split_text, train_tokenizer
+  from hydra_jax.recipes.pretrain import encode, train_tokenizer
+  from hydra_jax.registry.embedded import split_text
   text = "A:\nhello there\n\nB:\ngood day\n\nC:\nfarewell\n\nD:\nadieu\n"
   train, val = split_text(text, 0.3)
   assert train + val == text and val.startswith("D:"), "val must start at a speech"
@@ -168,7 +169,7 @@ def test_split_and_tokenizer(tmp_path):
 def test_pretrain_resumes_exactly(tmp_path):
   """A run stopped after 2 steps and resumed ends where an uninterrupted run ends, and its
   export loads in transformers with the same logits."""
-  from hydra_jax.pretrain import PretrainConfig, pretrain
+  from hydra_jax.recipes.pretrain import PretrainConfig, pretrain
   data = _tiny_data(tmp_path)
   full = pretrain(PretrainConfig(data=data, workdir=str(tmp_path / "a"), steps=6, **TINY))
   # A 1e-9 minute budget is spent by the first timed step (the 2nd; the 1st is compile).

@@ -5,7 +5,7 @@ tensor-name map, the q/k row permutation for llama, norms in F32, 2-D weights in
 BF16 / Q8_0 / Q4_0 / Q4_1 (gguf's quantize) or K-quants (random blocks: gguf cannot quantize
 to them), the tokenizer as `tokenizer.ggml.*` metadata. The reference is
 `AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)` and the original torch model.
-The real model is SmolLM2-135M-Instruct from `hydra_jax.models` (skipped when the registry is
+The real model is SmolLM2-135M-Instruct from `hydra_jax.registry.models` (skipped when the registry is
 unreachable).
 
 The writer helpers here need no torch (tests/test_models_registry.py reuses them).
@@ -29,7 +29,7 @@ from hydra_jax.checkpoint.gguf import (convert_gguf_to_hf, expected_gguf_tensors
 from hydra_jax.checkpoint.hf import CheckpointError, load_hf_model, load_tokenizer  # noqa: E402
 from hydra_jax.model.config import UnsupportedModelError  # noqa: E402
 from hydra_jax.model.llama import LlamaModel  # noqa: E402
-from hydra_jax.testing import SIMPLE_CHAT_TEMPLATE, make_tokenizer  # noqa: E402
+from hydra_jax.tools.testing import SIMPLE_CHAT_TEMPLATE, make_tokenizer  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 REL_TOL = 1e-5  # f32 parity: max |ours - ref| <= REL_TOL * max |ref|
@@ -520,7 +520,7 @@ CHAT_PROMPTS = ["What is the capital of France?", "Write a haiku about the sea."
 
 @pytest.fixture(scope="module")
 def smollm2():
-  from hydra_jax import models
+  from hydra_jax.registry import models
   try:
     path = models.model_path("smollm2")
   except models.RegistryError as e:

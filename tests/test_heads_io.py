@@ -192,7 +192,7 @@ def test_allow_mismatch_overrides_the_config_fingerprint_not_the_shapes(tmp_path
 
 
 def test_shipped_heads_carry_checksums_and_the_embedded_base_weights():
-  from hydra_jax import embedded
+  from hydra_jax.registry import embedded
   from hydra_jax.checkpoint.hf import load_hf_model
   base = load_hf_model(embedded.MODEL_DIR, tokenizer=False)
   dirs = embedded.heads_dirs()

@@ -22,7 +22,7 @@ from hydra_jax.checkpoint.hf import load_hf_model  # noqa: E402
 from hydra_jax.model import masks  # noqa: E402
 from hydra_jax.model.kv_cache import init_cache  # noqa: E402
 from hydra_jax.model.llama import LlamaModel  # noqa: E402
-from hydra_jax.testing import make_hf_model  # noqa: E402
+from hydra_jax.tools.testing import make_hf_model  # noqa: E402
 
 # Parity bound: max |ours - torch| <= REL_TOL * max |torch logits|.
 REL_TOL = 1e-4

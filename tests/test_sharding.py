@@ -11,7 +11,8 @@ from jax.sharding import PartitionSpec as P
 
 import _multihost_worker as tiny
 from hydra_jax.model.heads import init_heads
-from hydra_jax.training import optimizer, sharding
+from hydra_jax.parallel import sharding
+from hydra_jax.training import optimizer
 
 
 def test_make_mesh_shapes_and_errors():

@@ -16,7 +16,7 @@ import pytest
 from hydra_jax.checkpoint.heads_io import save_heads
 from hydra_jax.decoding import api
 from hydra_jax.model.heads import HeadsConfig, init_heads
-from hydra_jax.testing import make_hf_model
+from hydra_jax.tools.testing import make_hf_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

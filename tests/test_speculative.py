@@ -22,7 +22,7 @@ from hydra_jax.decoding.state import STOP, StopCriteria
 from hydra_jax.decoding.tree import compile_tree, load_tree
 from hydra_jax.model.heads import HeadsConfig, init_heads, DraftHeads
 from hydra_jax.model.llama import LlamaModel
-from hydra_jax.testing import make_hf_model
+from hydra_jax.tools.testing import make_hf_model
 
 
 

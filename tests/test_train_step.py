@@ -6,7 +6,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import _multihost_worker as tiny
-from hydra_jax.training import config_base, optimizer, sharding, step
+from hydra_jax.parallel import sharding
+from hydra_jax.training import config_base, optimizer, step
 from hydra_jax.training.errors import ConfigError
 
 

@@ -25,7 +25,7 @@ from hydra_jax.decoding.drafting import SpecModels, heads_drafter
 from hydra_jax.decoding.state import StopCriteria
 from hydra_jax.decoding.tree import compile_tree, expected_accept_length, load_tree
 from hydra_jax.model.heads import HeadsConfig, init_heads
-from hydra_jax.testing import make_hf_model
+from hydra_jax.tools.testing import make_hf_model
 
 # A small vocabulary, so that random heads rank the true token anywhere in 0..31: the ranks
 # (and so the accept lengths) vary from position to position.

@@ -263,7 +263,7 @@ def load_model_sharded(path: str, mesh, param_dtype=jnp.float32, dtype=jnp.float
                        tokenizer: bool = True, shardings=None) -> HFModel:
   """An HFModel whose params are sharded for decoding on `mesh` (`decoding.mesh`), read
   slice by slice from a Hugging Face directory or a .gguf file."""
-  from hydra_jax.decoding import mesh as decode_mesh
+  from hydra_jax.parallel import mesh as decode_mesh
   path = os.path.expanduser(os.fspath(path))
   if path.endswith(".gguf"):
     from hydra_jax.checkpoint import gguf

@@ -31,7 +31,7 @@ import numpy as np
 
 from hydra_jax.checkpoint.heads_io import load_heads
 from hydra_jax.checkpoint.hf import HFModel, load_hf_model
-from hydra_jax.decoding import mesh as decode_mesh
+from hydra_jax.parallel import mesh as decode_mesh
 from hydra_jax.decoding.acceptance import DEFAULT_POSTERIOR_ALPHA, DEFAULT_POSTERIOR_THRESHOLD
 from hydra_jax.decoding.engine import DecodeEngine
 from hydra_jax.decoding.sampling import SamplingParams
@@ -93,7 +93,7 @@ def load_model(path: str, dtype: str = "float32", tokenizer: bool = True,
   """Loads a model; `dtype` is both the param and the compute dtype.
 
   `path`: a Hugging Face model directory, a llama.cpp .gguf file, or the name of a known model
-  (`python -m hydra_jax.models list`; prepared in the cache on first use). With a `mesh`
+  (`python -m hydra_jax.registry.models list`; prepared in the cache on first use). With a `mesh`
   (see `generate`), each process reads only the slices of the weights its devices hold and
   the params come back sharded for decoding on that mesh.
   """
@@ -103,7 +103,7 @@ def load_model(path: str, dtype: str = "float32", tokenizer: bool = True,
   mesh = resolve_mesh(mesh)
   path = os.fspath(path)
   if not os.path.exists(os.path.expanduser(path)):
-    from hydra_jax import models
+    from hydra_jax.registry import models
     if path in models.REGISTRY:
       path = models.model_path(path)
   if mesh is not None:

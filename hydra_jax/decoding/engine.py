@@ -29,7 +29,7 @@ import numpy as np
 
 from hydra_jax.decoding import autoregressive as ar
 from hydra_jax.decoding import collectives
-from hydra_jax.decoding import mesh as decode_mesh
+from hydra_jax.parallel import mesh as decode_mesh
 from hydra_jax.decoding import speculative as spec
 from hydra_jax.decoding.acceptance import (ACCEPT_MODES, DEFAULT_POSTERIOR_ALPHA,
                                            DEFAULT_POSTERIOR_THRESHOLD, AcceptParams,

@@ -79,6 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.source = "sharegpt"  # "sharegpt" (JSON / JSONL conversations) | "text" | "tfds"
   c.data.path = ""  # "sharegpt" / "text": a file, a glob, or a comma-separated list of them
+  c.data.missing_hint = ""  # how to make data.path when it is missing (generated data's recipes)
   c.data.template = "chat_template"  # "chat_template" (the tokenizer's) | "vicuna_v1.1" | "plain"
   c.data.tfds_name = ""  # TFDS dataset name, e.g. "tiny_shakespeare" (source "tfds")
   c.data.tfds_data_dir = ""  # local TFDS data_dir (nothing is downloaded)

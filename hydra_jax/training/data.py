@@ -426,6 +426,13 @@ def build_datasets(data_cfg, tokenizer, seq_len: int, global_batch_size: int, se
     import jax
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
+  if cfg["source"] in ("sharegpt", "text") and cfg.get("missing_hint"):
+    # A recipe whose data is generated (self-distillation, Magpie) says how to make it; the
+    # config loads without the file, so the check is here, when training starts.
+    try:
+      expand_paths(cfg["path"])
+    except DataFileNotFoundError as e:
+      raise DataFileNotFoundError(f"{cfg['path']} does not exist: {cfg['missing_hint']}") from e
   stats: Dict[str, Any] = {"source": cfg["source"], "seed": int(seed), "seq_len": seq_len}
   if cfg["source"] == "sharegpt":
     rows, is_eval = _chat_rows(cfg, tokenizer, seq_len, stats)

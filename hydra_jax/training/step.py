@@ -31,7 +31,7 @@ from hydra_jax.model.heads import DraftHeads, HeadsConfig, init_heads, shared_lm
 from hydra_jax.model.llama import LlamaModel, init_params
 from hydra_jax.training import config_base, losses
 from hydra_jax.training.optimizer import current_lr
-from hydra_jax.training.sharding import (BATCH_AXES, LOGICAL_RULES, base_param_shardings, batch_sharding,
+from hydra_jax.parallel.sharding import (BATCH_AXES, LOGICAL_RULES, base_param_shardings, batch_sharding,
                                          logical_to_sharding, opt_state_shardings, replicated)
 
 _DTYPES = {"bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "float32": jnp.float32,

@@ -31,19 +31,20 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from hydra_jax.checkpoint.hf import CheckpointError, HFModel, load_hf_model
 from hydra_jax.checkpoint.heads_io import (base_weights_fingerprint, load_heads, read_heads_meta,
                                            save_heads, weights_difference)
+from hydra_jax.checkpoint.hf import CheckpointError, HFModel, load_hf_model
 from hydra_jax.model.config import ModelConfig
 from hydra_jax.model.heads import HeadsConfig
+from hydra_jax.parallel.sharding import (LOGICAL_RULES, base_param_shardings, make_global_batch,
+                                         make_mesh, shard_base_params)
+from hydra_jax.registry import models
 from hydra_jax.training import checkpointing, evaluation, losses, metrics_log
 from hydra_jax.training.data import BatchIterator, build_datasets, draft_vocabulary
 from hydra_jax.training.errors import (CheckpointWriteError, ConfigError, TrainingDivergedError,
                                        is_out_of_space, short_reason)
 from hydra_jax.training.host_loop import HostLoop, to_host
 from hydra_jax.training.optimizer import make_optimizer
-from hydra_jax.training.sharding import (LOGICAL_RULES, base_param_shardings, make_global_batch,
-                                         make_mesh, shard_base_params)
 from hydra_jax.training.step import build_eval_step, build_train_step, create_train_state
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -190,6 +191,11 @@ def _load_base(config) -> HFModel:
   if not path:
     raise ConfigError("config.model_path is empty: set --config.model_path=DIR (a Hugging Face "
                       "model directory)")
+  if not os.path.isdir(os.path.expanduser(path)) and path in models.REGISTRY:
+    try:  # a known model's name: fetched and converted on first use, so configs load offline
+      path = models.model_path(path)
+    except models.RegistryError as e:
+      raise CheckpointError(f"config.model_path={config.model_path!r}: {e}") from e
   if not os.path.isdir(os.path.expanduser(path)):
     raise CheckpointError(f"config.model_path: model directory {path!r} does not exist; set "
                           f"--config.model_path=DIR to a Hugging Face model directory "

@@ -42,7 +42,7 @@ def _heads(c, kind: str) -> None:
 
 def embedded(kind: str, num_steps: int = 300):
   """Heads for the embedded TinyShakespeare model (hydra_jax/assets/tiny_shakespeare)."""
-  from hydra_jax import embedded as emb
+  from hydra_jax.registry import embedded as emb
   c = base_config()
   c.model_path = emb.MODEL_DIR  # the shipped base (f16 safetensors, loaded as f32)
   c.base_name = "tiny_shakespeare"  # informational: not a BASE_MODELS entry
@@ -50,7 +50,8 @@ def embedded(kind: str, num_steps: int = 300):
   c.heads.lm_head = "own"  # an LM head per head, initialised from the base's (the paper)
   c.heads.draft_vocab_size = 1024  # half the vocabulary: same predicted tau, half the LM heads
   c.data.source = "sharegpt"  # the base's own greedy replies (self-distillation)
-  c.data.path = emb.require_self_distill_file()
+  c.data.path = emb.self_distill_file()  # checked when training starts, not here
+  c.data.missing_hint = f"write the heads' training data first with `{emb.SELF_DISTILL_COMMAND}`"
   c.data.template = "plain"  # prompt + newline + reply, as the prompts were rendered
   c.data.eval_fraction = 0.05  # the trainer's eval conversations, held out of training
   c.seq_len = 256  # the base was pretrained on 256-token windows
@@ -62,7 +63,7 @@ def embedded(kind: str, num_steps: int = 300):
 
 
 def smollm2(kind: str, num_steps: int = 160):
-  """Heads for SmolLM2-135M-Instruct (python -m hydra_jax.models path smollm2).
+  """Heads for SmolLM2-135M-Instruct (python -m hydra_jax.registry.models path smollm2).
 
   Data: Magpie self-distillation, no dataset: the model writes user questions from its chat
   template's pre-query prefix and answers them greedily; MT-Bench is never used. From the
@@ -70,12 +71,12 @@ def smollm2(kind: str, num_steps: int = 160):
     python -m hydra_jax.training.magpie --model smollm2 --num-queries 480 \
         --out ~/.cache/hydra_jax/smollm2_magpie_v1.jsonl      # once, for all three kinds
     python train.py --config configs/smollm2_KIND.py --workdir /work/smollm2_heads/KIND
-    python -m hydra_jax.models ship-heads smollm2 /work/smollm2_heads/KIND/heads KIND
+    python -m hydra_jax.registry.models ship-heads smollm2 /work/smollm2_heads/KIND/heads KIND
   Results: hydra_jax/assets/smollm2/heads/README.md.
   """
-  from hydra_jax import models
+  from hydra_jax.registry import models
   c = base_config()
-  c.model_path = models.model_path("smollm2")
+  c.model_path = "smollm2"  # a registry name: the trainer prepares it, loading this config does not
   c.base_name = "smollm2-135m-instruct"
   _heads(c, kind)
   c.heads.lm_head = "base"  # the base's LM head (frozen), restricted to the draft vocabulary
@@ -83,6 +84,9 @@ def smollm2(kind: str, num_steps: int = 160):
   c.data.source = "sharegpt"
   c.data.path = os.environ.get("HYDRA_SMOLLM2_DATA") or os.path.join(
       models.cache_root(), "smollm2_magpie_v1.jsonl")
+  c.data.missing_hint = ("write the Magpie conversations first with `python -m "
+                         "hydra_jax.training.magpie --model smollm2 --num-queries 480 --out "
+                         f"{c.data.path}`")
   c.data.template = "chat_template"  # ChatML; loss on the assistant replies only
   c.data.eval_fraction = 0.05
   c.seq_len = 384  # a question + a 256-token answer in ChatML fits: little padding

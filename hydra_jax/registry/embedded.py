@@ -7,32 +7,25 @@ TinyShakespeare; the tail, cut at a speech boundary, is held out. Head training 
 same training split and never the held-out tail, and the benchmark's prompts come from the
 tail, so both take the split from here rather than re-deriving it.
 
-  python -m hydra_jax.embedded --write-prompts data/shakespeare_heldout_prompts.jsonl
-  python -m hydra_jax.embedded --self-distill      # the heads' training data (~7 min on CPU)
-  python -m hydra_jax.embedded --ship-heads /work/embedded_heads/hydra_pp/heads hydra_pp
-
-The heads are trained on the base model's own greedy continuations of speeches from the
-training split (self-distillation): that is the text they draft for at decode time.
+How these files are made (the heads' self-distilled data, the prompt files, shipping heads)
+is `hydra_jax.recipes.embedded`; this module only says where they are, so that loading a
+model or a config never needs the recipes.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from typing import Dict, List, Optional, Tuple
 
-PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-REPO_ROOT = os.path.dirname(PACKAGE_DIR)
+from hydra_jax.registry.paths import HEAD_KINDS, HEAD_LABELS, PACKAGE_DIR, REPO_ROOT, cache_root
+
 MODEL_DIR = os.path.join(PACKAGE_DIR, "assets", "tiny_shakespeare")
 HEADS_ROOT = os.path.join(MODEL_DIR, "heads")
-# Benchmark / table order; directory names (hydra_pp: "+" is awkward in paths and shells).
-HEAD_KINDS = ("medusa", "hydra", "hydra_pp")
-HEAD_LABELS = {"medusa": "Medusa", "hydra": "Hydra", "hydra_pp": "Hydra++"}
 PROMPTS_FILE = os.path.join(REPO_ROOT, "data", "shakespeare_heldout_prompts.jsonl")
 
-# hydra_jax.pretrain.PretrainConfig.val_fraction of the shipped model; the model card states
+# hydra_jax.recipes.pretrain.PretrainConfig.val_fraction of the shipped model; the model card states
 # the resulting character counts, which `split_corpus` checks.
 VAL_FRACTION = 0.1
 
@@ -68,14 +61,23 @@ def _card_train_chars() -> Optional[int]:
   return int(m.group(1).replace(",", "")) if m else None
 
 
+def split_text(text: str, val_fraction: float) -> Tuple[str, str]:
+  """(train, val): val is the contiguous tail, starting at the first speech after the cut."""
+  if not 0.0 < val_fraction < 0.5:
+    raise ValueError(f"val_fraction must be in (0, 0.5), got {val_fraction}")
+  cut = int(len(text) * (1.0 - val_fraction))
+  boundary = text.find("\n\n", cut)
+  cut = boundary + 2 if boundary >= 0 else cut
+  return text[:cut], text[cut:]
+
+
 def split_corpus(path: Optional[str] = None) -> Tuple[str, str]:
   """(train, held-out) text exactly as the embedded model was pretrained on.
 
-  Uses hydra_jax.pretrain.split_text (the function that made the split) and checks the cut
+  Uses split_text (the function that made the split) and checks the cut
   against the model card, so a changed corpus or fraction fails loudly instead of leaking
   held-out text into head training.
   """
-  from hydra_jax.pretrain import split_text
   with open(path or corpus_path(), encoding="utf-8") as f:
     text = f.read()
   train, heldout = split_text(text, VAL_FRACTION)
@@ -87,11 +89,6 @@ def split_corpus(path: Optional[str] = None) -> Tuple[str, str]:
   return train, heldout
 
 
-def cache_dir() -> str:
-  return os.environ.get("HYDRA_CACHE") or os.path.join(
-      os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "hydra_jax")
-
-
 def train_split_file(directory: Optional[str] = None) -> str:
   """A plain-text file holding only the training split (written once; named by content hash).
 
@@ -99,7 +96,7 @@ def train_split_file(directory: Optional[str] = None) -> str:
   """
   train, _ = split_corpus()
   digest = hashlib.sha256(train.encode("utf-8")).hexdigest()[:12]
-  directory = directory or cache_dir()
+  directory = directory or cache_root()
   path = os.path.join(directory, f"tinyshakespeare_train_{digest}.txt")
   if not os.path.isfile(path):
     os.makedirs(directory, exist_ok=True)
@@ -135,6 +132,7 @@ def heldout_prompts(count: int = 32, lines: int = 3, min_chars: int = 60) -> Lis
 
 SELF_DISTILL_PROMPTS = 2400  # speeches from the training split
 SELF_DISTILL_NEW_TOKENS = 224  # greedy tokens per speech: ~0.5M training tokens in all
+SELF_DISTILL_COMMAND = "python -m hydra_jax.recipes.embedded --self-distill"  # ~7 min on CPU
 
 
 def self_distill_prompts(count: int = SELF_DISTILL_PROMPTS, seed: int = 0) -> List[str]:
@@ -160,32 +158,9 @@ def self_distill_prompts(count: int = SELF_DISTILL_PROMPTS, seed: int = 0) -> Li
 
 
 def self_distill_file(directory: Optional[str] = None) -> str:
-  """Where `--self-distill` writes the heads' training data (ShareGPT JSONL, plain template)."""
-  return os.path.join(directory or cache_dir(), "tiny_shakespeare_selfdistill_v1.jsonl")
-
-
-def write_self_distill(path: Optional[str] = None, count: int = SELF_DISTILL_PROMPTS,
-                       max_new_tokens: int = SELF_DISTILL_NEW_TOKENS, batch_size: int = 32) -> str:
-  """The base answers `count` training-split prompts greedily; written atomically to `path`."""
-  from hydra_jax.training.self_distill import self_distill
-  path = path or self_distill_file()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  prompts = [{"id": str(i), "system": None, "turns": [p]}
-             for i, p in enumerate(self_distill_prompts(count))]
-  tmp = f"{path}.{os.getpid()}.tmp"
-  self_distill(MODEL_DIR, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-               template="plain", out_path=tmp)
-  os.replace(tmp, path)
-  return path
-
-
-def require_self_distill_file() -> str:
-  """The training data path for the embedded heads' configs, or an error naming the fix."""
-  path = self_distill_file()
-  if not os.path.isfile(path):
-    raise EmbeddedAssetError(f"{path} does not exist: write the heads' training data first with "
-                             f"`python -m hydra_jax.embedded --self-distill` (~7 min on CPU)")
-  return path
+  """Where the heads' training data lives (ShareGPT JSONL, plain template); written by
+  SELF_DISTILL_COMMAND."""
+  return os.path.join(directory or cache_root(), "tiny_shakespeare_selfdistill_v1.jsonl")
 
 
 CALIBRATION_SEED = 1  # training-split speeches other than the self-distillation order's
@@ -197,56 +172,5 @@ def calibration_prompts(count: int = 32) -> List[str]:
   return [p + "\n" for p in self_distill_prompts(count, seed=CALIBRATION_SEED)]
 
 
-def write_prompts(path: str, count: int = 32, lines: int = 3, calibration: bool = False) -> int:
-  prompts = calibration_prompts(count) if calibration else heldout_prompts(count, lines)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w", encoding="utf-8") as f:
-    for p in prompts:
-      f.write(json.dumps({"prompt": p}) + "\n")
-  return len(prompts)
-
-
-def ship_heads(src: str, kind: str, root: Optional[str] = None) -> str:
-  """Copies trained heads (train.py's WORKDIR/heads) into the package as bfloat16."""
-  from hydra_jax.checkpoint.heads_io import ship_heads as ship
-  if kind not in HEAD_KINDS:
-    raise ValueError(f"kind must be one of {', '.join(HEAD_KINDS)}, got {kind!r}")
-  return ship(src, os.path.join(root or HEADS_ROOT, kind))
-
-
 def directory_bytes(path: str) -> int:
   return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
-
-
-if __name__ == "__main__":
-  import argparse
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--write-prompts", metavar="FILE", default=None,
-                  help="write held-out prompts as JSONL {\"prompt\": text}")
-  ap.add_argument("--write-calibration-prompts", metavar="FILE", default=None,
-                  help="write --count TRAINING-split prompts for tree fitting (JSONL)")
-  ap.add_argument("--count", type=int, default=32)
-  ap.add_argument("--lines", type=int, default=3, help="verse lines after the speaker line")
-  ap.add_argument("--train-file", action="store_true", help="print the training-split file path")
-  ap.add_argument("--self-distill", nargs="?", const="", default=None, metavar="FILE",
-                  help="write the heads' training data: the base's greedy continuations of "
-                       "training-split speeches (default FILE: the cache path the configs read)")
-  ap.add_argument("--ship-heads", nargs=2, metavar=("SRC", "KIND"), default=None,
-                  help=f"store trained heads SRC as bf16 in {HEADS_ROOT}/KIND "
-                       f"(KIND: {', '.join(HEAD_KINDS)})")
-  args = ap.parse_args()
-  if args.ship_heads:
-    dst = ship_heads(*args.ship_heads)
-    print(f"{args.ship_heads[0]} -> {dst} ({directory_bytes(dst) / 1e6:.1f} MB)")
-  if args.write_prompts:
-    print(f"{write_prompts(args.write_prompts, args.count, args.lines)} prompts -> "
-          f"{args.write_prompts}")
-  if args.write_calibration_prompts:
-    n = write_prompts(args.write_calibration_prompts, args.count, calibration=True)
-    print(f"{n} calibration prompts -> {args.write_calibration_prompts}")
-  if args.train_file:
-    print(train_split_file())
-  if args.self_distill is not None:
-    import logging
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    print(write_self_distill(args.self_distill or None))

@@ -27,7 +27,7 @@ SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 
 
 def _corpus_text(max_chars: int = 200_000) -> str:
-  from hydra_jax.embedded import EmbeddedAssetError, corpus_path
+  from hydra_jax.registry.embedded import EmbeddedAssetError, corpus_path
   try:
     with open(corpus_path(), encoding="utf-8") as f:
       return f.read(max_chars)

@@ -1,8 +1,8 @@
 """The demo: speculative decoding with trained draft heads, accepted drafts highlighted.
 
-  python -m hydra_jax.demo                       # the embedded model + its Hydra++ heads
-  python -m hydra_jax.demo --prompt "ROMEO:" --max-new-tokens 200 --tree greedy_31
-  python -m hydra_jax.demo --model HF_DIR --heads HEADS_DIR --no-color
+  python -m hydra_jax.tools.demo                       # the embedded model + its Hydra++ heads
+  python -m hydra_jax.tools.demo --prompt "ROMEO:" --max-new-tokens 200 --tree greedy_31
+  python -m hydra_jax.tools.demo --model HF_DIR --heads HEADS_DIR --no-color
 
 It decodes one prompt greedily twice, autoregressively and speculatively, on the same model,
 and prints the speculative output with every token that came from an ACCEPTED DRAFT
@@ -30,8 +30,8 @@ import os
 import sys
 from typing import List, Optional, Sequence, Tuple
 
-ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
-EMBEDDED_MODEL = os.path.join(ASSETS_DIR, "tiny_shakespeare")
+from hydra_jax.registry.embedded import MODEL_DIR as EMBEDDED_MODEL
+
 HEADS_SUBDIR = "heads"  # MODEL/heads/{medusa,hydra,hydra_pp}/ hold the shipped draft heads
 DEFAULT_HEADS_KIND = "hydra_pp"
 DEFAULT_PROMPT = "JULIET:\nO Romeo, Romeo! wherefore art thou Romeo?\n"
@@ -342,7 +342,7 @@ def use_color(flag: Optional[bool], stream) -> bool:
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(
-      prog="python -m hydra_jax.demo",
+      prog="python -m hydra_jax.tools.demo",
       description="Speculative decoding with draft heads, accepted drafts highlighted, vs "
                   "autoregressive decoding in the same run.")
   p.add_argument("--model", default=None,
@@ -379,7 +379,7 @@ def main(argv=None, stdout=None) -> int:
   try:
     check_assets(model_dir, heads_dir, embedded=embedded and args.heads is None)
   except DemoError as e:
-    err(f"hydra_jax.demo: {e}")
+    err(f"hydra_jax.tools.demo: {e}")
     return 2
   os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
   # Heavy imports after the checks, so --help and missing assets answer at once.
@@ -396,7 +396,7 @@ def main(argv=None, stdout=None) -> int:
                    repeats=args.repeats, chat=args.chat, log=err)
   except (DemoError, DecodeInputError, CheckpointError, UnsupportedModelError, TreeError,
           HeadsMismatchError) as e:
-    err(f"hydra_jax.demo: error: {e}")
+    err(f"hydra_jax.tools.demo: error: {e}")
     return 2
   style = "ansi" if use_color(args.color, out) else "brackets"
   prompt_text = model.tokenizer.decode(res.prompt_ids, skip_special_tokens=True)

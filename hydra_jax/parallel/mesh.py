@@ -35,7 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from hydra_jax.model.config import ModelConfig
 from hydra_jax.model.kv_cache import KVCache
-from hydra_jax.training import sharding
+from hydra_jax.parallel import sharding
 
 DECODE_AXES = ("data", "tensor")
 

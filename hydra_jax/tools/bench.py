@@ -1,7 +1,7 @@
 """Acceptance and speedup benchmark: autoregressive vs each kind of draft heads, in one run.
 
-    python -m hydra_jax.bench                      # the embedded model, its three shipped heads
-    python -m hydra_jax.bench --model DIR --heads medusa=DIR hydra=DIR hydra_pp=DIR \
+    python -m hydra_jax.tools.bench                      # the embedded model, its three shipped heads
+    python -m hydra_jax.tools.bench --model DIR --heads medusa=DIR hydra=DIR hydra_pp=DIR \
         --prompts mt_bench_questions.jsonl --prompt-format vicuna_v1.1 \
         --tree mc_sim_7b_63 greedy_15 --batch-size 1 --max-new-tokens 256 \
         --dtype bfloat16 --out runs/bench
@@ -48,7 +48,7 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-log = logging.getLogger("hydra_jax.bench")
+log = logging.getLogger("hydra_jax.tools.bench")
 
 PROMPT_FORMATS = ("raw", "chat", "vicuna_v1.1")
 
@@ -296,10 +296,16 @@ def markdown_table(rows: List[Dict[str, Any]], setup: Dict[str, Any]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def plot(rows: List[Dict[str, Any]], path: str, title: str) -> None:
-  # A bare Figure renders with Agg and leaves pyplot's global backend alone (notebooks).
-  import matplotlib
-  from matplotlib.figure import Figure
+def plot(rows: List[Dict[str, Any]], path: str, title: str) -> bool:
+  """Draws the results figure to `path`; False (and one log line) where matplotlib is missing:
+  it is an optional extra, the table and JSON need nothing."""
+  try:
+    import matplotlib
+    from matplotlib.figure import Figure  # a bare Figure renders with Agg, pyplot untouched
+  except ImportError:
+    log.warning("plot skipped: matplotlib is not installed (pip install matplotlib, or "
+                "pip install -e '.[plot]')")
+    return False
   names = [r["name"] for r in rows]
   colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
   fig = Figure(figsize=(16, 4.8))
@@ -329,6 +335,7 @@ def plot(rows: List[Dict[str, Any]], path: str, title: str) -> None:
   fig.suptitle(title, fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
+  return True
 
 
 # --- main ------------------------------------------------------------------------------------
@@ -347,8 +354,8 @@ def parse_heads(specs: Sequence[str]) -> List[Tuple[str, str]]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  from hydra_jax import embedded
-  p = argparse.ArgumentParser(prog="python -m hydra_jax.bench", description=__doc__,
+  from hydra_jax.registry import embedded
+  p = argparse.ArgumentParser(prog="python -m hydra_jax.tools.bench", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--model", default=embedded.MODEL_DIR,
                  help="Hugging Face model directory (default: the embedded TinyShakespeare model)")
@@ -384,7 +391,7 @@ def _device() -> str:
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
-  from hydra_jax import embedded
+  from hydra_jax.registry import embedded
   from hydra_jax.decoding.api import load_draft_heads, load_model, plan_shapes
   from hydra_jax.decoding.tree import resolve_tree
 
@@ -518,7 +525,10 @@ def write_outputs(report: Dict[str, Any], out_dir: str) -> str:
   with open(os.path.join(out_dir, "results.json"), "w") as f:
     json.dump(report, f, indent=1)
   s = report["setup"]
-  plot(report["methods"], os.path.join(out_dir, "results.png"),
+  png = os.path.join(out_dir, "results.png")
+  if os.path.exists(png):
+    os.remove(png)  # a stale figure from an earlier run would not match this table
+  plot(report["methods"], png,
        f"{os.path.basename(os.path.normpath(s['model']))}, {s['num_prompts']} prompts, batch "
        f"{s['batch_size']}, {s['max_new_tokens']} new tokens, {s['device']}")
   return md
@@ -540,11 +550,12 @@ def main(argv=None) -> int:
   try:
     report = run(args)
   except (BenchError, DecodeInputError, CheckpointError, TreeError, HeadsMismatchError) as e:
-    print(f"hydra_jax.bench: error: {e}", file=sys.stderr)
+    print(f"hydra_jax.tools.bench: error: {e}", file=sys.stderr)
     return 2
   md = write_outputs(report, args.out)
   print(md)
-  print(f"wrote {os.path.join(args.out, 'results.md')}, results.json, results.png and "
+  png = ", results.png" if os.path.isfile(os.path.join(args.out, "results.png")) else ""
+  print(f"wrote {os.path.join(args.out, 'results.md')}, results.json{png} and "
         f"specbench/METHOD.jsonl (Spec-Bench's evaluation/speed.py format)", file=sys.stderr)
   return 0
 
