@@ -146,7 +146,7 @@ def _partial_step(engine, upto: str):
       if upto == "accept":
         return s.replace(cache=cache, last_token=bonus + a)
       commit = jnp.where(~s.done, a + 1, 0)
-      cache = spec.commit_kv(models.tree, cache, lengths, path, commit)
+      cache = spec.commit_kv(cache, lengths, path, commit)
       if upto == "commit":
         return s.replace(cache=cache, last_token=bonus)
       context, prefix_cache = spec.next_context(models, heads_params, s.spec, hidden, path, a,

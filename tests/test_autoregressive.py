@@ -113,6 +113,10 @@ def test_second_call_does_not_recompile(llama):
                  top_p=0.9, top_k=20, seed=4, stop_ids=[5, 6, 7])
   assert dict(TRACE_COUNTS) == traces and len(engine._compiled) == compiled
   assert all(r.compile_s == 0.0 for r in out)
+  # A new shape (batch 2) compiles once, and traces the prefill and the loop once each.
+  generate(model, _prompts(14, [6, 11]), 20, batch_size=2)
+  new = {k: TRACE_COUNTS[k] - traces.get(k, 0) for k in ("prefill", "loop")}
+  assert new == {"prefill": 1, "loop": 1} and len(engine._compiled) == compiled + 1
 
 
 def test_cache_full_and_max_new_tokens_exact(llama):

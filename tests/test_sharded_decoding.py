@@ -124,6 +124,19 @@ def test_sharded_greedy_tokens_matrix(models, model_type, mode, mesh):
   _check_tokens(models, model_type, mode, mesh)
 
 
+def test_sharded_prefill_is_traced_once_per_shape(models):
+  """The prefill's trace gives both the program and the state's shape (whose shardings the
+  loop takes): one trace per new shape, not one for the shape and one for the program."""
+  from hydra_jax.decoding.engine import TRACE_COUNTS
+  _, hm, _ = models("llama")
+  before = TRACE_COUNTS["prefill"]
+  with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message="decode mesh: some dimensions")
+    out = generate(hm, PROMPTS[:2], 4, batch_size=2, cache_len=96, mesh=_mesh("data=2,tensor=2"))
+  assert TRACE_COUNTS["prefill"] - before == 1
+  assert [r.output_ids for r in out] == [o[:4] for o in _decode(models, "llama", "ar")[:2]]
+
+
 def _check_exact_sampling(models, mesh):
   kw = dict(temperature=0.8, top_p=0.9, seed=7, accept="exact")
   sharded = _decode(models, "llama", "hydra", mesh, **kw)

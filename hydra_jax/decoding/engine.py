@@ -50,6 +50,11 @@ def _signature(tree) -> Tuple:
   return (treedef, tuple((tuple(x.shape), str(x.dtype)) for x in leaves))
 
 
+def _shapes(tree):
+  """Shapes and dtypes only (a trace's out_info also carries layouts)."""
+  return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
 class DecodeEngine:
   """Autoregressive decoding (heads_cfg None) or speculative decoding with heads and a tree."""
 
@@ -73,7 +78,6 @@ class DecodeEngine:
     self.model = LlamaModel(cfg, dtype=self.dtype, param_dtype=self.dtype)
     self.drafter_factory = drafter_factory
     self._compiled: Dict[Tuple, Any] = {}
-    self._state_shapes: Dict[Tuple, Any] = {}
     self.mesh = decode_mesh.make_decode_mesh(mesh)
     self.param_shardings = self.heads_shardings = None
     if self.mesh is not None:
@@ -91,14 +95,24 @@ class DecodeEngine:
     # The seed key comes in as its raw uint32 data: a plain array places on any mesh.
     if self.speculative:
       def prefill(params, heads_params, tokens, lengths, active, row_ids, key_data, *rest):
+        TRACE_COUNTS["prefill"] += 1
         return spec.spec_prefill(self.models, cache_len, params, heads_params, tokens, lengths,
                                  active, row_ids, jax.random.wrap_key_data(key_data), *rest)
+    else:
+      def prefill(params, heads_params, tokens, lengths, active, row_ids, key_data, *rest):
+        TRACE_COUNTS["prefill"] += 1
+        return ar.ar_prefill(self.model, cache_len, params, tokens, lengths, active, row_ids,
+                             jax.random.wrap_key_data(key_data), *rest)
+    if self.mesh is None:
       return prefill
+    mesh = self.mesh
 
-    def ar_prefill(params, heads_params, tokens, lengths, active, row_ids, key_data, *rest):
-      return ar.ar_prefill(self.model, cache_len, params, tokens, lengths, active, row_ids,
-                           jax.random.wrap_key_data(key_data), *rest)
-    return ar_prefill
+    def sharded_prefill(*args):
+      # The state's shardings follow from its shapes, known only while tracing: constraining
+      # here (not jit's out_shardings) lets one trace give both the program and the shape.
+      state = prefill(*args)
+      return jax.lax.with_sharding_constraint(state, decode_mesh.state_shardings(state, mesh))
+    return sharded_prefill
 
   def _loop_fn(self):
     if self.speculative:
@@ -117,23 +131,18 @@ class DecodeEngine:
     return ar_loop
 
   def _jitted(self, args, cache_len: int):
-    """(prefill, loop, the state's shape) for these args: jitted functions, with explicit
-    shardings when there is a mesh."""
+    """(prefill traced for args, loop jitted, the state's shape), the prefill traced once: a
+    big model's trace takes seconds. With a mesh, explicit shardings."""
     if self.mesh is None:
-      prefill = jax.jit(self._prefill_fn(cache_len))
-      return (prefill, jax.jit(self._loop_fn(), donate_argnums=(2,)),
-              jax.eval_shape(prefill, *args))
+      prefill = jax.jit(self._prefill_fn(cache_len)).trace(*args)
+      return prefill, jax.jit(self._loop_fn(), donate_argnums=(2,)), _shapes(prefill.out_info)
     rep = decode_mesh.sharding.replicated(self.mesh)
-    params_sh, heads_sh = self.param_shardings, self.heads_shardings
     in_sh = self._input_shardings(args[2].shape[0])
-    key = (_signature(args), cache_len)
-    if key not in self._state_shapes:  # tracing a big model's prefill takes seconds
-      self._state_shapes[key] = jax.eval_shape(
-          jax.jit(self._prefill_fn(cache_len), in_shardings=in_sh), *args)
-    state_shape = self._state_shapes[key]
+    prefill = jax.jit(self._prefill_fn(cache_len), in_shardings=in_sh).trace(*args)
+    state_shape = _shapes(prefill.out_info)
     state_sh = decode_mesh.state_shardings(state_shape, self.mesh)
-    prefill = jax.jit(self._prefill_fn(cache_len), in_shardings=in_sh, out_shardings=state_sh)
-    loop = jax.jit(self._loop_fn(), in_shardings=(params_sh, heads_sh, state_sh, rep, rep),
+    loop = jax.jit(self._loop_fn(),
+                   in_shardings=(self.param_shardings, self.heads_shardings, state_sh, rep, rep),
                    out_shardings=state_sh, donate_argnums=(2,))
     return prefill, loop, state_shape
 
@@ -150,7 +159,7 @@ class DecodeEngine:
     what `run` compiles, and what sizing reads (`.compile().memory_analysis()`)."""
     prefill, loop, state_shape = self._jitted(args, cache_len)
     params, heads_params, *_, accept_params, stop = args
-    return (prefill.lower(*args),
+    return (prefill.lower(),
             loop.lower(params, heads_params, state_shape, accept_params, stop))
 
   def _executables(self, args, cache_len: int):
@@ -158,7 +167,6 @@ class DecodeEngine:
     if key in self._compiled:
       return self._compiled[key], 0.0
     t0 = time.perf_counter()
-    TRACE_COUNTS["prefill"] += 1
     prefill, loop = self.lower(args, cache_len)
     self._compiled[key] = (prefill.compile(), loop.compile())
     return self._compiled[key], time.perf_counter() - t0

@@ -70,29 +70,23 @@ def spec_prefill(models: SpecModels, cache_len: int, base_params, heads_params, 
 
 
 def verify(models: SpecModels, base_params, tokens_BxN, cache: KVCache):
-  """The base forward over the tree, in verify order (`tree.verify_order`: depth-first, rank 0
-  first): (logits [B, N, V] f32, hidden [B, N, E], both by verify slot, and the cache with
-  slot i's entry written at len + i, lengths unchanged)."""
+  """The base forward over the tree's nodes in node order: (logits [B, N, V] f32, hidden
+  [B, N, E], and the cache with node i's entry written at len + i, lengths unchanged)."""
   tree = models.tree
   lengths = cache.lengths
-  order = tree.verify_order
-  positions = lengths[:, None] + jnp.asarray(tree.depths[order])[None, :]
-  mask = tree_mask(lengths, tree.verify_ancestors, cache.max_len)
-  return models.base.apply({"params": base_params}, tokens_BxN[:, order], positions, cache, mask)
+  positions = lengths[:, None] + jnp.asarray(tree.depths)[None, :]
+  mask = tree_mask(lengths, tree.ancestors, cache.max_len)
+  return models.base.apply({"params": base_params}, tokens_BxN, positions, cache, mask)
 
 
 def accept_tree(tree, tokens_BxN, logits_BxNxV, s: DecodeState, params: AcceptParams,
                 accept: str):
-  """(a [B], path_nodes [B, M], last node [B], bonus token [B]) by the static accept rule.
-
-  tokens are in node order, logits by verify slot (as `verify` returns them).
-  """
-  slot = tree.verify_slot
-  if accept == "greedy":  # the argmax in node order: [B, N] ints, not [B, N, V] logits
-    pred = jnp.argmax(logits_BxNxV, axis=-1).astype(jnp.int32)[:, slot]
+  """(a [B], path_nodes [B, M], last node [B], bonus token [B]) by the static accept rule."""
+  if accept == "greedy":  # the argmax per node: [B, N] ints, not [B, N, V] logits
+    pred = jnp.argmax(logits_BxNxV, axis=-1).astype(jnp.int32)
     a, path_nodes, last = greedy_accept(tree, tokens_BxN, pred)
     return a, path_nodes, last, jnp.take_along_axis(pred, last[:, None], axis=1)[:, 0]
-  logits = logits_BxNxV[:, slot]
+  logits = logits_BxNxV
   if accept == "typical":
     a, path_nodes, last = typical_accept(tree, tokens_BxN, logits, params)
     bonus = sample(jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0],
@@ -105,22 +99,19 @@ def accept_tree(tree, tokens_BxN, logits_BxNxV, s: DecodeState, params: AcceptPa
   return exact_accept(tree, tokens_BxN, logits, keys, params)
 
 
-def commit_kv(tree, cache: KVCache, lengths, path_nodes, commit) -> KVCache:
-  """The root + accepted nodes' K/V to slots len .. len + a, lengths advanced by `commit`."""
-  return cache.gather(lengths[:, None] + jnp.asarray(tree.verify_slot)[path_nodes], commit)
+def commit_kv(cache: KVCache, lengths, path_nodes, commit) -> KVCache:
+  """The root + accepted nodes' K/V to slots len .. len + a, lengths advanced by `commit`.
+  Node i was verified into slot len + i, and the path's node at depth d has index >= d."""
+  return cache.gather(lengths[:, None] + path_nodes, commit)
 
 
 def next_context(models: SpecModels, heads_params, carry: SpecCarry, hidden_BxNxE, path_nodes,
                  a, last, lengths, commit):
-  """g at the last accepted position, and the prefix layer's cache fed the accepted ones.
-
-  hidden is by verify slot (as `verify` returns it); nodes are mapped to their slots.
-  """
-  slot = jnp.asarray(models.tree.verify_slot)
+  """g at the last accepted position, and the prefix layer's cache fed the accepted ones."""
   if not models.heads_cfg.prefix_layer:
-    return jnp.take_along_axis(hidden_BxNxE, slot[last][:, None, None], axis=1)[:, 0], None
+    return jnp.take_along_axis(hidden_BxNxE, last[:, None, None], axis=1)[:, 0], None
   m = path_nodes.shape[1]
-  h_acc = jnp.take_along_axis(hidden_BxNxE, slot[path_nodes][:, :, None], axis=1)  # [B, M, E]
+  h_acc = jnp.take_along_axis(hidden_BxNxE, path_nodes[:, :, None], axis=1)  # [B, M, E]
   pos_acc = lengths[:, None] + jnp.arange(m, dtype=jnp.int32)[None, :]
   pmask = cache_causal_mask(carry.prefix_cache.lengths, m, carry.prefix_cache.max_len)
   g_acc, prefix_cache = models.heads.apply({"params": heads_params}, h_acc, pos_acc, pmask,
@@ -163,7 +154,7 @@ def spec_step(models: SpecModels, base_params, heads_params, drafter: Drafter, s
   # Commit the root + a accepted nodes (M slots move; only a + 1 count). A finished row still
   # runs (static shapes) but commits nothing: its writes land beyond its length, unread.
   commit = jnp.where(~s.done, a + 1, 0)
-  cache = commit_kv(models.tree, cache, lengths, path_nodes, commit)
+  cache = commit_kv(cache, lengths, path_nodes, commit)
   context, prefix_cache = next_context(models, heads_params, s.spec, hidden, path_nodes, a, last,
                                        lengths, commit)
   return emit_accepted(s, tokens, path_nodes, a, bonus, cache, context, prefix_cache, stop,

@@ -113,9 +113,6 @@ class CompiledTree:
   is_leaf: np.ndarray  # bool [N]
   retrieve: np.ndarray  # int32 [P, D+1]: root-to-leaf node indices, padded with -1
   depth_local: np.ndarray  # int32 [N]: the node's index among the nodes of its depth
-  verify_order: np.ndarray  # int32 [N]: node at each verify slot (depth-first, rank 0 first)
-  verify_slot: np.ndarray  # int32 [N]: verify slot of each node (verify_order's inverse)
-  verify_ancestors: np.ndarray  # bool [N, N]: `ancestors` between verify slots
   topk: int  # max rank + 1 over the whole tree (Medusa's per-head top-k)
   nodes_per_depth: Tuple[int, ...]  # n_d for d = 1..D
   depth_nodes: Tuple[np.ndarray, ...]  # [d-1]: int32 [n_d] node indices at depth d (contiguous)
@@ -183,22 +180,6 @@ def compile_tree(paths: Any, num_heads: Optional[int] = None, max_topk: Optional
   topk = int(ranks.max()) + 1
   first_of_depth = np.searchsorted(depths, depths)  # depths are sorted: nodes go depth by depth
   depth_local = (np.arange(n) - first_of_depth).astype(np.int32)
-  # Verification takes the nodes depth-first, the rank-0 child first: the all-rank-0 path,
-  # by far the most accepted, then lies in contiguous cache slots right after the committed
-  # ones (a commit that could skip moving it measured no faster on XLA:CPU; see
-  # KVCache.gather).
-  children = [[] for _ in range(n)]
-  for i in range(1, n):  # node order lists siblings by rank
-    children[int(parents[i])].append(i)
-  verify_order, stack = [], [0]
-  while stack:
-    i = stack.pop()
-    verify_order.append(i)
-    stack.extend(reversed(children[i]))
-  verify_order = np.asarray(verify_order, np.int32)
-  verify_slot = np.argsort(verify_order).astype(np.int32)
-  verify_ancestors = ancestors[np.ix_(verify_order, verify_order)]
-
   depth_nodes, expand_rows, child_row, child_rank = [], [], [], []
   topk_per_depth = []
   for d in range(1, depth + 1):
@@ -210,15 +191,13 @@ def compile_tree(paths: Any, num_heads: Optional[int] = None, max_topk: Optional
     child_rank.append(ranks[nodes].copy())
     topk_per_depth.append(int(ranks[nodes].max()) + 1)
 
-  arrays = [depths, parents, ranks, ancestors, node_path, is_leaf, retrieve, depth_local,
-            verify_order, verify_slot, verify_ancestors]
+  arrays = [depths, parents, ranks, ancestors, node_path, is_leaf, retrieve, depth_local]
   for a in arrays + depth_nodes + expand_rows + child_row + child_rank:
     _readonly(a)
   return CompiledTree(
       name=name, paths=paths, num_nodes=n, depth=depth, depths=depths, parents=parents,
       ranks=ranks, ancestors=ancestors, node_path=node_path, is_leaf=is_leaf, retrieve=retrieve,
-      depth_local=depth_local, verify_order=verify_order, verify_slot=verify_slot,
-      verify_ancestors=verify_ancestors, topk=topk,
+      depth_local=depth_local, topk=topk,
       nodes_per_depth=tuple(int(x.shape[0]) for x in depth_nodes),
       depth_nodes=tuple(depth_nodes), expand_rows=tuple(expand_rows),
       child_row=tuple(child_row),
