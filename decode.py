@@ -91,8 +91,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="load heads recorded for another base model (config or weights) as long "
                       "as their shapes fit, with a warning")
   p.add_argument("--tree", default="mc_sim_7b_63",
-                 help="speculation tree: a preset name, a JSON file of top-k rank paths, or "
-                      "auto (HEADS_DIR/tree_auto.json from hydra_jax.decoding.tree_fit)")
+                 help="speculation tree: a preset name, a JSON file of top-k rank paths, "
+                      "dynamic:N[:D[:K]] (N nodes chosen per step from the heads' scores, depth "
+                      "D, beam K) or auto (HEADS_DIR/tree_auto.json from "
+                      "hydra_jax.decoding.tree_fit)")
   p.add_argument("--mode", choices=("ar", "spec"), default=None,
                  help="ar = autoregressive, spec = speculative (default: spec when --heads given)")
   p.add_argument("--accept", choices=("greedy", "typical", "exact"), default=None,

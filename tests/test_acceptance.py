@@ -348,6 +348,18 @@ def test_exact_sampling_matches_autoregressive_law_real_heads(hm):
     _assert_law(st.tokens, _conditionals(hm, setting), ("medusa", setting))
 
 
+def test_exact_sampling_law_on_a_dynamic_tree(hm):
+  """Hydra heads on a dynamic tree: the topology follows the draft each step, the law stays
+  the base's (the sampler descends only where a base sample lands)."""
+  heads = _heads(hm, "hydra")
+  tree = load_tree("dynamic:6:3:2", num_heads=4)
+  for i, setting in enumerate(SETTINGS):
+    st = _generate(hm, heads, tree, [PROMPT] * NUM_ROWS, 3, "exact", setting, seed=21 + i)
+    assert (np.asarray(st.num_generated) == 3).all()
+    assert np.asarray(st.accepted).max() >= 2  # drafts were accepted, not only bonus tokens
+    _assert_law(st.tokens, _conditionals(hm, setting), ("hydra dynamic", setting))
+
+
 def _oracle_ranks(hm):
   """Token order by raw base logit: rank2 [t1, r] of token 2, rank3 [t1, t2, r] of token 3."""
   _, l2, l3 = _enumerated_logits(hm)
@@ -512,7 +524,7 @@ def test_accept_modes_are_checked(hm, stream_case):
 
 
 ARCHS = ["medusa", "hydra", "hydra++"]
-MATRIX_TREES = ["mc_sim_7b_63", "chain_4", "greedy_7"]
+MATRIX_TREES = ["mc_sim_7b_63", "chain_4", "greedy_7", "dynamic:8"]
 
 
 @pytest.mark.slow

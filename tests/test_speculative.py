@@ -116,7 +116,10 @@ DRAFT_VOCAB = tuple(range(0, 256, 3))  # 86 of the 256 tokens: most greedy token
     # Drafting options: lossless whatever the heads propose (verification is full-vocabulary).
     ("llama", "hydra++", "greedy_15", 3, dict(lm_head="base", draft_vocab=DRAFT_VOCAB)),
     ("qwen2", "medusa", "greedy_7", 3, dict(lm_head="own", draft_vocab=DRAFT_VOCAB)),
-    ("llama", "hydra", "greedy_7", 3, dict(lm_head="base"))])
+    ("llama", "hydra", "greedy_7", 3, dict(lm_head="base")),
+    # Dynamic trees: the topology chosen per step and per row from the heads' scores.
+    ("llama", "medusa", "dynamic:8", 3, {}), ("llama", "hydra++", "dynamic:16", 3, {}),
+    ("qwen2", "hydra", "dynamic:6:3:2", 3, dict(lm_head="base", draft_vocab=DRAFT_VOCAB))])
 def test_lossless_with_real_heads(bases, model_type, arch, tree_name, batch, lm):
   torch_model, hm = bases(model_type)
   cfg, params = _heads(hm, arch, **lm)

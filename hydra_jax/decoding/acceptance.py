@@ -120,10 +120,17 @@ def children_table(tree) -> np.ndarray:
   return table
 
 
-def _log_probs(logits_XxV: jax.Array, params: AcceptParams) -> jax.Array:
+def log_probs(logits_XxV: jax.Array, params: AcceptParams) -> jax.Array:
   """log p for rows of logits: the distribution the sampler draws from (-inf outside it)."""
   processed = process_logits(logits_XxV, params.temperature, params.top_k, params.top_p)
   return jax.nn.log_softmax(processed, axis=-1)
+
+
+def typical_threshold(logp_xV: jax.Array, params: AcceptParams) -> jax.Array:
+  """Medusa's plausibility bar per distribution: min(eps, alpha * exp(-H(p))) (0 log 0 = 0)."""
+  probs = jnp.exp(logp_xV)
+  entropy = -jnp.sum(jnp.where(probs > 0, probs * logp_xV, 0.0), axis=-1)
+  return jnp.minimum(params.posterior_threshold, params.posterior_alpha * jnp.exp(-entropy))
 
 
 def _choose_path(tree, ok_BxN: jax.Array, score_BxN):
@@ -160,12 +167,9 @@ def typical_accept(tree, tokens_BxN: jax.Array, logits_BxNxV: jax.Array, params:
   """
   b, n, v = logits_BxNxV.shape
   rows = np.nonzero(~np.asarray(tree.is_leaf))[0].astype(np.int32)  # [R], the root first
-  logp = _log_probs(logits_BxNxV[:, rows].reshape(b * len(rows), v), params)
+  logp = log_probs(logits_BxNxV[:, rows].reshape(b * len(rows), v), params)
   logp = logp.reshape(b, len(rows), v)
-  probs = jnp.exp(logp)
-  entropy = -jnp.sum(jnp.where(probs > 0, probs * logp, 0.0), axis=-1)  # [B, R]
-  threshold = jnp.minimum(params.posterior_threshold,
-                          params.posterior_alpha * jnp.exp(-entropy))
+  threshold = typical_threshold(logp, params)  # [B, R]
   # Each non-root node reads its parent's row.
   row_of = np.zeros(n, np.int32)
   row_of[rows] = np.arange(len(rows), dtype=np.int32)
@@ -213,5 +217,5 @@ def exact_accept(tree, tokens_BxN: jax.Array, logits_BxNxV: jax.Array, keys_MxB:
 
 
 __all__ = ["ACCEPT_MODES", "AcceptParams", "DEFAULT_POSTERIOR_ALPHA", "DEFAULT_POSTERIOR_THRESHOLD",
-           "check_accept_mode", "children_table", "exact_accept", "greedy_accept",
-           "typical_accept"]
+           "check_accept_mode", "children_table", "exact_accept", "greedy_accept", "log_probs",
+           "typical_accept", "typical_threshold"]

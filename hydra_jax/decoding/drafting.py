@@ -70,13 +70,14 @@ def _top(logits_xV: jax.Array, k: int) -> jax.Array:
   return jax.lax.top_k(logits_xV, k)[1].astype(jnp.int32)
 
 
-def heads_drafter(models: SpecModels, base_params, heads_params) -> Drafter:
-  """The real drafter: Medusa's cartesian top-k, or Hydra's depth-by-depth expansion."""
-  tree, hcfg = models.tree, models.heads_cfg
+def draft_head_fns(models: SpecModels, base_params, heads_params):
+  """(the base's embedding table, draft index -> token id, head_logits(k, g, path_embeds)):
+  what every drafter reads, built once per decode call."""
+  hcfg = models.heads_cfg
+  if models.tree.depth > hcfg.num_heads:
+    raise ValueError(f"tree depth {models.tree.depth} needs {models.tree.depth} draft heads but "
+                     f"the heads have {hcfg.num_heads}")
   heads = models.heads
-  if tree.depth > hcfg.num_heads:
-    raise ValueError(f"tree depth {tree.depth} needs {tree.depth} draft heads but the heads "
-                     f"have {hcfg.num_heads}")
   embedding = base_params["embed_tokens"]["embedding"]
   base_lm = shared_lm_kernel(hcfg, models.base_cfg, base_params)
   draft_ids = jnp.asarray(hcfg.draft_ids) if hcfg.draft_vocab else None
@@ -87,6 +88,14 @@ def heads_drafter(models: SpecModels, base_params, heads_params) -> Drafter:
   def head_logits(k, g, path_embeds):
     return heads.apply({"params": heads_params}, k, g, path_embeds, True, base_lm,
                        method="head_logits")
+  return embedding, to_tokens, head_logits
+
+
+def heads_drafter(models: SpecModels, base_params, heads_params) -> Drafter:
+  """The real drafter for a static tree: Medusa's cartesian top-k, or Hydra's depth-by-depth
+  expansion (dynamic trees: `dynamic_tree.dynamic_drafter`)."""
+  tree, hcfg = models.tree, models.heads_cfg
+  embedding, to_tokens, head_logits = draft_head_fns(models, base_params, heads_params)
 
   def medusa(inp: DraftInputs) -> jax.Array:
     parts = [inp.root_B[:, None]]
@@ -117,4 +126,4 @@ def heads_drafter(models: SpecModels, base_params, heads_params) -> Drafter:
   return sequential if hcfg.sequential else medusa
 
 
-__all__ = ["DraftInputs", "Drafter", "SpecModels", "heads_drafter"]
+__all__ = ["DraftInputs", "Drafter", "SpecModels", "draft_head_fns", "heads_drafter"]

@@ -29,17 +29,18 @@ import numpy as np
 
 from hydra_jax.decoding import autoregressive as ar
 from hydra_jax.decoding import collectives
-from hydra_jax.parallel import mesh as decode_mesh
 from hydra_jax.decoding import speculative as spec
 from hydra_jax.decoding.acceptance import (ACCEPT_MODES, DEFAULT_POSTERIOR_ALPHA,
                                            DEFAULT_POSTERIOR_THRESHOLD, AcceptParams,
                                            check_accept_mode)
 from hydra_jax.decoding.drafting import SpecModels, heads_drafter
+from hydra_jax.decoding.dynamic_tree import dynamic_drafter
 from hydra_jax.decoding.sampling import SamplingParams
 from hydra_jax.decoding.state import BatchOutput, StopCriteria
 from hydra_jax.model.config import ModelConfig
 from hydra_jax.model.heads import HeadsConfig
 from hydra_jax.model.llama import LlamaModel
+from hydra_jax.parallel import mesh as decode_mesh
 
 # Incremented when a loop is TRACED, i.e. on every (re)compile; tests read it.
 TRACE_COUNTS: collections.Counter = collections.Counter()
@@ -76,6 +77,8 @@ class DecodeEngine:
     elif accept != "greedy":
       raise ValueError("autoregressive decoding samples by itself: accept is for speculation")
     self.model = LlamaModel(cfg, dtype=self.dtype, param_dtype=self.dtype)
+    if self.speculative and tree.dynamic and drafter_factory is heads_drafter:
+      drafter_factory = dynamic_drafter  # the topology is chosen in the loop, per step
     self.drafter_factory = drafter_factory
     self._compiled: Dict[Tuple, Any] = {}
     self.mesh = decode_mesh.make_decode_mesh(mesh)

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from hydra_jax.decoding.acceptance import (AcceptParams, exact_accept, greedy_accept,
                                            typical_accept)
+from hydra_jax.decoding import dynamic_tree as dyn
 from hydra_jax.decoding.drafting import DraftInputs, Drafter, SpecModels
 from hydra_jax.decoding.sampling import row_keys, sample
 from hydra_jax.decoding.state import DecodeState, StopCriteria, emit_tokens, first_state, \
@@ -99,6 +100,32 @@ def accept_tree(tree, tokens_BxN, logits_BxNxV, s: DecodeState, params: AcceptPa
   return exact_accept(tree, tokens_BxN, logits, keys, params)
 
 
+def verify_dynamic(models: SpecModels, base_params, draft: dyn.DynamicDraft, cache: KVCache):
+  """`verify` for a dynamic tree: per-row positions (len + depth) and ancestor masks."""
+  lengths = cache.lengths
+  positions = lengths[:, None] + draft.depths_BxN
+  mask = tree_mask(lengths, dyn.ancestors(draft, models.tree.depth), cache.max_len)
+  return models.base.apply({"params": base_params}, draft.tokens_BxN, positions, cache, mask)
+
+
+def accept_dynamic(tree, draft: dyn.DynamicDraft, logits_BxNxV, s: DecodeState,
+                   params: AcceptParams, accept: str):
+  """`accept_tree` for a dynamic tree: the same three rules on the per-row parents."""
+  if accept == "greedy":
+    pred = jnp.argmax(logits_BxNxV, axis=-1).astype(jnp.int32)
+    a, path_nodes, last = dyn.greedy_accept(draft, pred, tree.depth)
+    return a, path_nodes, last, jnp.take_along_axis(pred, last[:, None], axis=1)[:, 0]
+  if accept == "typical":
+    a, path_nodes, last = dyn.typical_accept(draft, logits_BxNxV, params, tree.depth)
+    bonus = sample(jnp.take_along_axis(logits_BxNxV, last[:, None, None], axis=1)[:, 0],
+                   lambda: row_keys(s.rng, s.row_ids, s.num_generated + a), params.temperature,
+                   params.top_k, params.top_p)
+    return a, path_nodes, last, bonus
+  keys = jnp.stack([row_keys(s.rng, s.row_ids, s.num_generated + d)
+                    for d in range(tree.depth + 1)])
+  return dyn.exact_accept(draft, logits_BxNxV, keys, params, tree.depth)
+
+
 def commit_kv(cache: KVCache, lengths, path_nodes, commit) -> KVCache:
   """The root + accepted nodes' K/V to slots len .. len + a, lengths advanced by `commit`.
   Node i was verified into slot len + i, and the path's node at depth d has index >= d."""
@@ -146,11 +173,17 @@ def spec_step(models: SpecModels, base_params, heads_params, drafter: Drafter, s
               params: AcceptParams, stop: StopCriteria, accept: str = "greedy") -> DecodeState:
   """One draft-verify-accept-commit-emit cycle (`accept` is static)."""
   lengths = s.cache.lengths
-  tokens = drafter(DraftInputs(root_B=s.last_token, context_BxE=s.spec.context_BxE,
-                               num_out_B=s.num_generated, step=s.step))
-  tokens = tokens.at[:, 0].set(s.last_token)  # the root is never a guess
-  logits, hidden, cache = verify(models, base_params, tokens, s.cache)
-  a, path_nodes, last, bonus = accept_tree(models.tree, tokens, logits, s, params, accept)
+  draft = drafter(DraftInputs(root_B=s.last_token, context_BxE=s.spec.context_BxE,
+                              num_out_B=s.num_generated, step=s.step))
+  if models.tree.dynamic:
+    draft = draft.replace(tokens_BxN=draft.tokens_BxN.at[:, 0].set(s.last_token))
+    tokens = draft.tokens_BxN
+    logits, hidden, cache = verify_dynamic(models, base_params, draft, s.cache)
+    a, path_nodes, last, bonus = accept_dynamic(models.tree, draft, logits, s, params, accept)
+  else:
+    tokens = draft.at[:, 0].set(s.last_token)  # the root is never a guess
+    logits, hidden, cache = verify(models, base_params, tokens, s.cache)
+    a, path_nodes, last, bonus = accept_tree(models.tree, tokens, logits, s, params, accept)
   # Commit the root + a accepted nodes (M slots move; only a + 1 count). A finished row still
   # runs (static shapes) but commits nothing: its writes land beyond its length, unread.
   commit = jnp.where(~s.done, a + 1, 0)
@@ -170,5 +203,5 @@ def spec_loop(models: SpecModels, base_params, heads_params, drafter: Drafter, s
       state)
 
 
-__all__ = ["SpecCarry", "accept_tree", "commit_kv", "emit_accepted", "next_context", "spec_loop",
-           "spec_prefill", "spec_step", "verify"]
+__all__ = ["SpecCarry", "accept_dynamic", "accept_tree", "commit_kv", "emit_accepted", "next_context", "spec_loop",
+           "spec_prefill", "spec_step", "verify", "verify_dynamic"]

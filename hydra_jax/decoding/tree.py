@@ -28,6 +28,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from hydra_jax.decoding.dynamic_tree import (DynamicTree, DynamicTreeError, is_dynamic_spec,
+                                             parse_dynamic)
+
 log = logging.getLogger("hydra_jax.decoding")
 
 PRESETS_FILE = Path(__file__).resolve().parent.parent / "presets" / "trees.json"
@@ -100,6 +103,8 @@ def _readonly(a: np.ndarray) -> np.ndarray:
 @dataclasses.dataclass(frozen=True, eq=False)
 class CompiledTree:
   """Static buffers of one tree. Hash/eq follow the paths, so it can be a jit static arg."""
+
+  dynamic = False  # a class attribute: dynamic_tree.DynamicTree's is True
 
   name: str
   paths: Tuple[Tuple[int, ...], ...]  # sorted by (length, path); node i + 1 = paths[i]
@@ -237,9 +242,18 @@ def _paths_from_file(path: Path) -> Tuple[Any, str]:
   return data, name
 
 
-def load_tree(name_or_path: Union[str, os.PathLike, Sequence, CompiledTree],
-              num_heads: Optional[int] = None, max_topk: Optional[int] = None) -> CompiledTree:
-  """A preset name, a JSON file (a list of paths or {"paths": [...]}), or paths themselves."""
+def load_tree(name_or_path: Union[str, os.PathLike, Sequence, CompiledTree, DynamicTree],
+              num_heads: Optional[int] = None, max_topk: Optional[int] = None
+              ) -> Union[CompiledTree, DynamicTree]:
+  """A preset name, a JSON file (a list of paths or {"paths": [...]}), paths themselves, or a
+  dynamic tree (`dynamic:N[:D[:K]]`, see dynamic_tree)."""
+  if isinstance(name_or_path, DynamicTree):
+    name_or_path = name_or_path.name
+  if is_dynamic_spec(name_or_path):
+    try:
+      return parse_dynamic(name_or_path, num_heads, max_topk)
+    except DynamicTreeError as e:
+      raise TreeError(str(e)) from e
   if isinstance(name_or_path, CompiledTree):
     return compile_tree(name_or_path.paths, num_heads, max_topk, name=name_or_path.name)
   if isinstance(name_or_path, (list, tuple)):

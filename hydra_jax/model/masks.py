@@ -27,12 +27,17 @@ def cache_causal_mask(lengths_B: jax.Array, num_new: int, max_len: int) -> jax.A
 def tree_mask(lengths_B: jax.Array, ancestors_NxN: np.ndarray | jax.Array, max_len: int) -> jax.Array:
   """Tree tokens at slots lengths[b] + node: each sees the committed cache and its ancestors.
 
-  `ancestors_NxN[i, j]` is True when node j is node i or one of its ancestors.
+  `ancestors_NxN[i, j]` is True when node j is node i or one of its ancestors; a [B, N, N]
+  array gives each row its own tree (dynamic trees).
   """
   ancestors = jnp.asarray(ancestors_NxN, bool)
-  n = ancestors.shape[0]
+  n = ancestors.shape[-1]
   rel = jnp.arange(max_len)[None, :] - lengths_B[:, None]  # [B, S]
   in_tree = (rel >= 0) & (rel < n)
-  tree_part = ancestors[:, jnp.clip(rel, 0, n - 1)]  # [N, B, S]
-  tree_part = jnp.transpose(tree_part, (1, 0, 2)) & in_tree[:, None, :]
-  return (rel < 0)[:, None, :] | tree_part
+  node = jnp.clip(rel, 0, n - 1)
+  if ancestors.ndim == 3:
+    tree_part = jnp.take_along_axis(ancestors, jnp.broadcast_to(
+        node[:, None, :], (node.shape[0], n, max_len)), axis=2)  # [B, N, S]
+  else:
+    tree_part = jnp.transpose(ancestors[:, node], (1, 0, 2))  # [B, N, S]
+  return (rel < 0)[:, None, :] | (tree_part & in_tree[:, None, :])

@@ -371,8 +371,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="raw text, the tokenizer's chat template, or FastChat's vicuna_v1.1")
   p.add_argument("--max-prompts", type=int, default=0, help="use the first N prompts (0 = all)")
   p.add_argument("--tree", nargs="+", default=["mc_sim_7b_63"],
-                 help="tree preset name(s), JSON file(s) or auto (each heads' fitted tree); "
-                      "every heads x tree pair is a row")
+                 help="tree preset name(s), JSON file(s), dynamic:N[:D[:K]] or auto (each "
+                      "heads' fitted tree); every heads x tree pair is a row")
   p.add_argument("--batch-size", type=int, default=1)
   p.add_argument("--max-new-tokens", type=int, default=128)
   p.add_argument("--cache-len", type=int, default=None,

@@ -354,8 +354,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--prompt", default=DEFAULT_PROMPT, help="text prompt (default: %(default)r)")
   p.add_argument("--max-new-tokens", type=int, default=128)
   p.add_argument("--tree", default=DEFAULT_TREE,
-                 help="speculation tree: a preset name, a JSON file of top-k rank paths, or "
-                      "auto (HEADS_DIR/tree_auto.json when the heads have one, else "
+                 help="speculation tree: a preset name, a JSON file of top-k rank paths, "
+                      "dynamic:N (N nodes chosen per step), or auto (HEADS_DIR/tree_auto.json "
+                      "when the heads have one, else "
                       "mc_sim_7b_63); default: %(default)s")
   p.add_argument("--repeats", type=int, default=2,
                  help="timed runs per mode after the warm-up; the fastest counts")
