@@ -51,12 +51,25 @@ def test_parse_and_errors():
   assert t.dynamic and not load_tree("chain_4").dynamic
   assert load_tree("dynamic:3", num_heads=4).depth == 2  # at most N - 1 deep
   assert load_tree("dynamic:8:2:3").num_candidates == 3 + 9
+  assert load_tree("dynamic:5").beam == 2  # default_beam: about half the drafts
+  t = load_tree("dynamic:8:4:3:0.25")
+  assert (t.beam, t.temperature, t.name) == (3, 0.25, "dynamic:8:4:3:0.25")
   for spec, match in [("dynamic:1", "N >= 2"), ("dynamic:x", "write dynamic:N"),
+                      ("dynamic:8:4:3:0", "temperature must be > 0"),
                       ("dynamic:8:5", "depth 5 needs 5 draft heads"),
                       ("dynamic:20:2:2", "offers only 6 candidates"),
                       ("dynamic:8:2:9", "beam 9 exceeds")]:
     with pytest.raises(TreeError, match=match):
       load_tree(spec, num_heads=4, max_topk=8)
+
+
+def test_a_tree_file_may_name_a_dynamic_tree(tmp_path):
+  """tree_fit writes {"dynamic": spec} when a dynamic tree wins (--tree auto reads it)."""
+  import json
+  f = tmp_path / "tree_auto.json"
+  f.write_text(json.dumps({"name": "fit_hydra_dyn", "dynamic": "dynamic:6:3:2:0.5"}))
+  t = load_tree(str(f), num_heads=4)
+  assert t.dynamic and (t.num_nodes, t.depth, t.beam, t.temperature) == (6, 3, 2, 0.5)
 
 
 @pytest.mark.parametrize("name", ["mc_sim_7b_63", "greedy_7"])

@@ -193,6 +193,18 @@ def test_hardware_fit_takes_the_argmax_of_expected_tokens_per_second():
                                  step_times=times, ar_step_time=1.0)
   want = max(trees, key=lambda t: expected_accept_length(t, acc) / times[t.name])
   assert fit.tree.name == want.name
+  # Dynamic trees compete with their measured tau: chosen when they pay, tabled either way.
+  dyn = [(load_tree("dynamic:8:3:3"), 3.5), (load_tree("dynamic:4:3:2:0.25"), 2.5)]
+  for dyn_ms, won in ((1.0, "dynamic:8:3:3"), (100.0, want.name)):
+    fit = tree_fit.fit_to_hardware(None, None, acc, (2, 4, 8), depths=(1, 2, 3),
+                                   step_times={**times, **{t.name: dyn_ms for t, _ in dyn}},
+                                   ar_step_time=1.0, dynamic=dyn)
+    assert fit.tree.name == won
+    rows = {r["name"]: r for r in fit.rows}
+    assert rows["dynamic:8:3:3"]["dynamic"] and rows["dynamic:8:3:3"]["expected_tau"] == 3.5
+    assert rows["dynamic:4:3:2:0.25"]["expected_speedup"] == pytest.approx(2.5 / dyn_ms)
+  assert [t.name for t in tree_fit.dynamic_specs((5, 16), (1.0, 0.25), 3)] == [
+      "dynamic:5:3:2", "dynamic:5:3:2:0.25", "dynamic:16:3:4", "dynamic:16:3:4:0.25"]
 
 
 def test_resolve_tree_auto(setup, tmp_path, caplog):
@@ -224,8 +236,8 @@ def test_cli_writes_a_tree_that_generate_uses_with_tree_auto(setup, tmp_path):
   out = os.path.join(heads_dir, "tree_auto.json")
   assert tree_fit.main(["--model", setup["model_dir"], "--heads", heads_dir, "--prompts",
                         str(prompts), "--out", out, "--sizes", "4", "8", "--max-new-tokens",
-                        str(MAX_NEW), "--references", "--depths", "--iters", "2",
-                        "--repeats", "1"]) == 0
+                        str(MAX_NEW), "--references", "--depths", "--dynamic-sizes",
+                        "--iters", "2", "--repeats", "1"]) == 0
   with open(out) as f:
     saved = json.load(f)
   acc = np.asarray(saved["acc"])
@@ -243,6 +255,22 @@ def test_cli_writes_a_tree_that_generate_uses_with_tree_auto(setup, tmp_path):
   used = [k[3] for k in api._ENGINES if k[2] == cfg]
   assert compile_tree(saved["paths"]) in used
 
+  # With only a dynamic candidate besides size 2, whichever wins is written so that
+  # --tree auto decodes with it, losslessly.
+  assert tree_fit.main(["--model", setup["model_dir"], "--heads", heads_dir, "--prompts",
+                        str(prompts), "--out", out, "--sizes", "2", "--max-new-tokens",
+                        str(MAX_NEW), "--references", "--depths", "--dynamic-sizes", "6",
+                        "--dynamic-temperatures", "0.5", "--iters", "2", "--repeats", "1"]) == 0
+  with open(out) as f:
+    saved = json.load(f)
+  rows = {r["name"]: r for r in saved["table"]}
+  assert set(rows) == {"fit_2", "dynamic:6:3:2:0.5"} and rows["dynamic:6:3:2:0.5"]["dynamic"]
+  tree = tree_lib.resolve_tree("auto", heads_dir, num_heads=3)
+  chosen = next(r for r in rows.values() if r["chosen"])
+  assert tree.dynamic == chosen["dynamic"] and (not tree.dynamic or tree.name == chosen["name"])
+  sp = api.generate(model, PROMPTS, 12, heads=heads_dir, tree="auto")
+  assert [r.output_ids for r in sp] == [r.output_ids for r in ar]
+
 
 SHIPPED = os.path.join(os.path.dirname(api.__file__), "..", "assets", "tiny_shakespeare", "heads")
 
@@ -255,8 +283,12 @@ def test_shipped_heads_have_a_fitted_tree(kind):
   with open(os.path.join(heads_dir, "tree_auto.json")) as f:
     saved = json.load(f)
   tree = tree_lib.resolve_tree("auto", heads_dir, num_heads=4)
-  assert [list(p) for p in tree.paths] == saved["paths"] and tree.name == saved["name"]
   chosen = [r for r in saved["table"] if r["chosen"]]
-  assert len(chosen) == 1 and chosen[0]["paths"] == saved["paths"]
+  assert len(chosen) == 1
+  if "dynamic" in saved:
+    assert tree.dynamic and tree.name == saved["dynamic"] == chosen[0]["name"]
+  else:
+    assert [list(p) for p in tree.paths] == saved["paths"] and tree.name == saved["name"]
+    assert chosen[0]["paths"] == saved["paths"]
   assert chosen[0]["expected_tokens_per_s"] == max(
       r["expected_tokens_per_s"] for r in saved["table"] if not r["reference"])

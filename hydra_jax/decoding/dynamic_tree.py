@@ -44,12 +44,18 @@ from hydra_jax.decoding.drafting import DraftInputs, SpecModels, draft_head_fns
 from hydra_jax.decoding.sampling import sample
 
 DYNAMIC_PREFIX = "dynamic"
-DEFAULT_BEAM = 4  # K: wide enough for 5-16 node budgets; C grows as K^2 per depth
+DEFAULT_BEAM = 4  # the widest default K: enough for 16 nodes; C grows as K^2 per depth
 MAX_DEFAULT_DEPTH = 4  # the paper's heads count
 
 
 class DynamicTreeError(ValueError):
   pass
+
+
+def default_beam(num_nodes: int) -> int:
+  """K for a budget of N nodes: about half the drafts, 2 to 4. Measured on the embedded
+  model's heads: at N = 5, K = 2 accepts as much as K = 4 with a third of Hydra's head rows."""
+  return min(num_nodes - 1, max(2, min(DEFAULT_BEAM, (num_nodes - 1) // 2)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +65,11 @@ class DynamicTree:
   depth: int  # D
   beam: int  # K
   name: str = ""
+  # T: the draft scores are log softmax(logits / T). Heads trained on hard labels (Medusa,
+  # Hydra) are roughly calibrated for greedy acceptance at T = 1; teacher-trained ones
+  # (Hydra++: soft targets, the base's own spread) rank well but under-state how often their
+  # top token is the base's argmax, which T < 1 corrects. tree_fit measures it.
+  temperature: float = 1.0
 
   dynamic = True  # a class attribute (CompiledTree's is False): the loop branches on it
 
@@ -74,7 +85,7 @@ class DynamicTree:
   def describe(self) -> str:
     return (f"tree {self.name}: dynamic, {self.num_nodes} nodes (root + {self.num_nodes - 1}) "
             f"chosen per step from {self.num_candidates} candidates, depth {self.depth}, beam "
-            f"{self.beam}")
+            f"{self.beam}, score temperature {self.temperature:g}")
 
 
 def is_dynamic_spec(spec) -> bool:
@@ -83,19 +94,20 @@ def is_dynamic_spec(spec) -> bool:
 
 def parse_dynamic(spec: str, num_heads: Optional[int] = None,
                   max_topk: Optional[int] = None) -> DynamicTree:
-  """`dynamic:N`, `dynamic:N:D` or `dynamic:N:D:K` (nodes with the root, depth, beam width).
-  D defaults to the heads' count (at most 4) and N - 1; K to min(4, N - 1)."""
-  m = re.fullmatch(rf"{DYNAMIC_PREFIX}:(\d+)(?::(\d+))?(?::(\d+))?", spec)
-  if not m:
+  """`dynamic:N`, `dynamic:N:D`, `dynamic:N:D:K` or `dynamic:N:D:K:T` (nodes with the root,
+  depth, beam width, score temperature). D defaults to the heads' count (at most 4) and
+  N - 1; K to min(4, N - 1); T to 1."""
+  m = re.fullmatch(rf"{DYNAMIC_PREFIX}:(\d+)(?::(\d+))?(?::(\d+))?(?::(\d*\.?\d+))?", spec)
+  if not m or (m.group(4) and not m.group(3)):
     raise DynamicTreeError(f"dynamic tree {spec!r}: write dynamic:N (nodes, root included), "
-                           "dynamic:N:D (and depth) or dynamic:N:D:K (and beam width), e.g. "
-                           "dynamic:16")
+                           "dynamic:N:D (and depth), dynamic:N:D:K (and beam width) or "
+                           "dynamic:N:D:K:T (and score temperature), e.g. dynamic:16")
   n = int(m.group(1))
   if n < 2:
     raise DynamicTreeError(f"dynamic tree {spec!r}: N = {n} nodes leaves no draft; use N >= 2")
   heads = num_heads if num_heads is not None else MAX_DEFAULT_DEPTH
   d = int(m.group(2)) if m.group(2) else min(heads, MAX_DEFAULT_DEPTH, n - 1)
-  k = int(m.group(3)) if m.group(3) else min(DEFAULT_BEAM, n - 1)
+  k = int(m.group(3)) if m.group(3) else default_beam(n)
   if d < 1 or k < 1:
     raise DynamicTreeError(f"dynamic tree {spec!r}: depth and beam must be >= 1")
   if num_heads is not None and d > num_heads:
@@ -104,7 +116,11 @@ def parse_dynamic(spec: str, num_heads: Optional[int] = None,
   if max_topk is not None and max_topk > 0 and k > max_topk:
     raise DynamicTreeError(f"dynamic tree {spec!r}: beam {k} exceeds the heads' {max_topk} "
                            "ranked tokens")
-  tree = DynamicTree(num_nodes=n, depth=d, beam=k, name=f"{DYNAMIC_PREFIX}:{n}:{d}:{k}")
+  temp = float(m.group(4)) if m.group(4) else 1.0
+  if not temp > 0:
+    raise DynamicTreeError(f"dynamic tree {spec!r}: the score temperature must be > 0")
+  name = f"{DYNAMIC_PREFIX}:{n}:{d}:{k}" + (f":{temp:g}" if temp != 1.0 else "")
+  tree = DynamicTree(num_nodes=n, depth=d, beam=k, name=name, temperature=temp)
   if n - 1 > tree.num_candidates:
     raise DynamicTreeError(f"dynamic tree {spec!r}: {n - 1} nodes but depth {d} x beam {k} "
                            f"offers only {tree.num_candidates} candidates; raise D or K")
@@ -127,7 +143,7 @@ def dynamic_drafter(models: SpecModels, base_params, heads_params):
   cand_depths = jnp.asarray(tree.candidate_depths)
 
   def log_q(logits):
-    return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jax.nn.log_softmax(logits.astype(jnp.float32) / tree.temperature, axis=-1)
 
   def draft(inp: DraftInputs) -> DynamicDraft:
     b, e = inp.context_BxE.shape

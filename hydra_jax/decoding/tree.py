@@ -229,6 +229,8 @@ def _paths_from_file(path: Path) -> Tuple[Any, str]:
   except (OSError, json.JSONDecodeError) as e:
     raise TreeError(f"tree file {path} is not readable JSON: {e}") from None
   name = path.stem
+  if isinstance(data, dict) and "dynamic" in data:  # tree_fit chose a dynamic tree
+    return str(data["dynamic"]), str(data.get("name", name))
   if isinstance(data, dict):
     if "paths" not in data:
       raise TreeError(f"tree file {path} holds an object without 'paths'; write either a list "
@@ -264,6 +266,8 @@ def load_tree(name_or_path: Union[str, os.PathLike, Sequence, CompiledTree, Dyna
     paths, name = presets[spec], spec
   elif os.path.exists(spec) or spec.endswith(".json") or os.sep in spec:
     paths, name = _paths_from_file(Path(spec))
+    if isinstance(paths, str):
+      return load_tree(paths, num_heads, max_topk)
   else:
     raise TreeError(f"unknown tree {spec!r}: give a JSON file or one of the presets "
                     f"{', '.join(sorted(presets))}")

@@ -19,6 +19,11 @@
    grows one tree per candidate size (either method), measures one jitted speculative step
    (draft + verify + accept + commit) of each and the autoregressive step on this device, and
    keeps the tree maximising expected tokens/s = expected tau / step time.
+   Dynamic trees (`dynamic_tree`, `--dynamic-sizes`, `--dynamic-temperatures`) compete
+   too: their topology follows the heads' scores step by step, so no rank table predicts
+   them; their tau is MEASURED by decoding the calibration prompts greedily with them
+   (`measure_dynamic_tau`), and they are timed like the static trees. A dynamic winner is
+   written as {"dynamic": "dynamic:N:D:K:T", ...}.
 3. `tree.resolve_tree("auto", heads_dir)`: HEADS_DIR/tree_auto.json when present (this script
    with --out pointing there), else mc_sim_7b_63 with a warning. No calibration is run on the fly:
    it costs an autoregressive pass over a prompt set plus one compile per candidate tree (about
@@ -45,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hydra_jax.decoding.step_timing import interleaved_medians, steady_state_timer
+from hydra_jax.decoding.dynamic_tree import MAX_DEFAULT_DEPTH, DynamicTree, default_beam
 from hydra_jax.decoding.tree import (AUTO_TREE_FILE, FALLBACK_TREE, CompiledTree, compile_tree,
                                      expected_accept_length, grow_tree, load_tree)
 from hydra_jax.model.config import ModelConfig
@@ -55,6 +61,9 @@ log = logging.getLogger("hydra_jax.decoding")
 
 MAX_TOPK = 10
 DEFAULT_SIZES = (2, 3, 4, 5, 6, 8, 12, 16, 32, 64)
+DEFAULT_DYNAMIC_SIZES = (5, 8, 16)
+# 1: the heads' own scores; 0.25: sharpened, for teacher-trained heads (dynamic_tree.DynamicTree)
+DEFAULT_DYNAMIC_TEMPERATURES = (1.0, 0.25)
 
 
 # ----------------------------------------------------------------------------------------
@@ -247,9 +256,36 @@ def fit_tree_replay(ranks_MxK: np.ndarray, num_nodes: int, max_topk: int = MAX_T
   return [list(p) for p in sorted(chosen, key=lambda p: (len(p), p))]
 
 
+def dynamic_specs(sizes: Sequence[int], temperatures: Sequence[float], num_heads: int
+                  ) -> List[DynamicTree]:
+  """One dynamic tree per (size, temperature): depth the heads' count (<= 4), default beam."""
+  out = []
+  for n in sizes:
+    n = int(n)
+    base = f"dynamic:{n}:{min(num_heads, MAX_DEFAULT_DEPTH, n - 1)}:{default_beam(n)}"
+    for t in temperatures:
+      out.append(load_tree(base if float(t) == 1.0 else f"{base}:{float(t):g}",
+                           num_heads=num_heads))
+  return out
+
+
+def measure_dynamic_tau(model, heads, trees: Sequence[DynamicTree], prompt_ids,
+                        max_new_tokens: int = 128, batch_size: int = 8) -> List[float]:
+  """Tokens per verify step (bonus included) of greedy decoding with each dynamic tree over the
+  calibration prompts: what a rank table cannot predict for a topology chosen per step."""
+  from hydra_jax.decoding import api
+  taus = []
+  for tree in trees:
+    results = api.generate(model, prompt_ids, max_new_tokens, heads=heads, tree=tree,
+                           batch_size=batch_size)
+    per_step = [a for r in results for a in (r.extra.get("accepted_per_step") or [])]
+    taus.append(sum(per_step) / max(len(per_step), 1))
+  return taus
+
+
 @dataclasses.dataclass
 class HardwareFit:
-  tree: CompiledTree  # the chosen tree
+  tree: Union[CompiledTree, DynamicTree]  # the chosen tree
   rows: List[Dict[str, Any]]  # one per candidate (and reference) tree
   ar_step_ms: float
 
@@ -258,8 +294,9 @@ class HardwareFit:
     return next(r for r in self.rows if r["chosen"])
 
   def table(self) -> str:
-    lines = ["| tree | size (tokens/step) | depth | expected tau | replay tau | step ms | "
-             "expected tokens/s | expected speedup |", "|---|---|---|---|---|---|---|---|",
+    lines = ["| tree | size (tokens/step) | depth | expected tau (dynamic: measured) | "
+             "replay tau | step ms | expected tokens/s | expected speedup |",
+             "|---|---|---|---|---|---|---|---|",
              f"| autoregressive | 1 | 0 | 1.000 | 1.000 | {self.ar_step_ms:.2f} | "
              f"{1e3 / self.ar_step_ms:.1f} | 1.00x |"]
     for r in self.rows:
@@ -335,6 +372,7 @@ def fit_to_hardware(model, heads, acc: Any, sizes: Sequence[int] = DEFAULT_SIZES
                     step_times: Optional[Mapping[Union[int, str], float]] = None,
                     ar_step_time: Optional[float] = None, ranks: Optional[np.ndarray] = None,
                     method: str = "independent", depths: Optional[Sequence[int]] = None,
+                    dynamic: Sequence[Tuple[DynamicTree, float]] = (),
                     **measure_kw) -> HardwareFit:
   """Grows a tree per size (and depth cap), times them, keeps the fastest (`candidate_trees`).
 
@@ -344,6 +382,7 @@ def fit_to_hardware(model, heads, acc: Any, sizes: Sequence[int] = DEFAULT_SIZES
   every row also reports its replay tau. `references` (preset names or files) are timed and
   tabled too but never chosen. `step_times` ({tree name, or size for uncapped trees, or
   reference name: seconds}) and `ar_step_time` replace the measurement (model/heads unused).
+  `dynamic`: (dynamic tree, measured tau) pairs, timed and chosen like the fitted trees.
   """
   acc = np.asarray(acc, np.float64)
   depth, topk = acc.shape
@@ -354,6 +393,8 @@ def fit_to_hardware(model, heads, acc: Any, sizes: Sequence[int] = DEFAULT_SIZES
     raise ValueError(f"no candidate size left: sizes must be >= 2 (root + 1 node) and <= "
                      f"--max-nodes {max_nodes}")
   trees = candidate_trees(acc, sizes, depths, method, ranks)
+  dynamic_tau = {t.name: tau for t, tau in dynamic}
+  trees += [t for t, _ in dynamic]
   refs = []
   for name in references:
     ref = load_tree(name)
@@ -373,10 +414,14 @@ def fit_to_hardware(model, heads, acc: Any, sizes: Sequence[int] = DEFAULT_SIZES
     times = [float(step_times[key(t)]) for t in trees + refs]
   rows = []
   for i, tree in enumerate(trees + refs):
-    replay = None if ranks is None else replay_accept_length(tree, ranks)
-    tau = replay if method == "replay" else expected_accept_length(tree, acc)
+    if tree.dynamic:
+      replay, tau = None, dynamic_tau[tree.name]
+    else:
+      replay = None if ranks is None else replay_accept_length(tree, ranks)
+      tau = replay if method == "replay" else expected_accept_length(tree, acc)
     rows.append(dict(name=tree.name, size=tree.num_nodes, depth=tree.depth,
-                     reference=i >= len(trees), paths=tree.to_json(),
+                     reference=i >= len(trees), dynamic=tree.dynamic,
+                     paths=None if tree.dynamic else tree.to_json(),
                      expected_tau=tau, replay_tau=replay, step_ms=times[i] * 1e3,
                      expected_tokens_per_s=tau / times[i],
                      expected_speedup=tau / times[i] * ar_step_time, chosen=False))
@@ -421,6 +466,12 @@ def main(argv=None) -> int:
   p.add_argument("--depths", type=int, nargs="*", default=None,
                  help="depth caps to try for every size (default: 1 .. number of heads; "
                       "pass no value for uncapped trees only)")
+  p.add_argument("--dynamic-sizes", type=int, nargs="*", default=list(DEFAULT_DYNAMIC_SIZES),
+                 help="dynamic-tree node budgets to try (their tau is measured by decoding the "
+                      "prompts with each); pass no value for static trees only")
+  p.add_argument("--dynamic-temperatures", type=float, nargs="+",
+                 default=list(DEFAULT_DYNAMIC_TEMPERATURES),
+                 help="score temperatures tried for every dynamic size")
   p.add_argument("--iters", type=int, default=8, help="steps per timing")
   p.add_argument("--repeats", type=int, default=7, help="timings per tree (median)")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
@@ -445,20 +496,32 @@ def main(argv=None) -> int:
   for d, row in enumerate(cal.acc):
     print(f"#   depth {d + 1} ({cal.eligible[d]} positions): "
           + " ".join(f"{x:.3f}" for x in row))
-  lengths = [len(p) for p in api.encode_prompts(model, prompts, chat=args.chat)]
+  ids = api.encode_prompts(model, prompts, chat=args.chat)
+  lengths = [len(p) for p in ids]
+  dyn_trees = [t for t in dynamic_specs(args.dynamic_sizes or (), args.dynamic_temperatures,
+                                        heads_cfg.num_heads)
+               if args.max_nodes is None or t.num_nodes <= args.max_nodes]
+  t0 = time.perf_counter()
+  dyn_taus = measure_dynamic_tau(model, (heads_cfg, heads_params), dyn_trees, ids,
+                                 args.max_new_tokens, args.batch_size)
+  if dyn_trees:
+    print(f"# dynamic trees, measured tau ({time.perf_counter() - t0:.1f}s): "
+          + ", ".join(f"{t.name} {tau:.3f}" for t, tau in zip(dyn_trees, dyn_taus)))
   t0 = time.perf_counter()
   fit = fit_to_hardware(model, (heads_cfg, heads_params), cal.acc, args.sizes, args.max_nodes,
                         args.references, ranks=cal.ranks, method=args.method,
                         depths=(range(1, heads_cfg.num_heads + 1) if args.depths is None
                                 else args.depths or None),
+                        dynamic=list(zip(dyn_trees, dyn_taus)),
                         prompt_len=int(np.median(lengths)),
                         max_new_tokens=args.max_new_tokens, iters=args.iters,
                         repeats=args.repeats)
   print(f"# timing on {jax.devices()[0].device_kind}: {time.perf_counter() - t0:.1f}s")
   print(fit.table())
   chosen = fit.chosen
-  name = f"fit_{heads_cfg.arch}_{chosen['size']}"
-  out = {"name": name, "paths": fit.tree.to_json(), "size": chosen["size"],
+  name = f"fit_{heads_cfg.arch}_{chosen['size']}" + ("_dynamic" if fit.tree.dynamic else "")
+  shape = ({"dynamic": fit.tree.name} if fit.tree.dynamic else {"paths": fit.tree.to_json()})
+  out = {"name": name, **shape, "size": chosen["size"],
          "expected_tau": chosen["expected_tau"], "replay_tau": chosen["replay_tau"],
          "method": args.method, "heads_arch": heads_cfg.arch,
          "base_fingerprint": model.config.fingerprint(),

@@ -19,7 +19,10 @@ medians. Reported per method:
   accept@d      fraction of verify steps that accepted >= d draft tokens (bonus excluded),
                 d = 1..tree depth; tau = 1 + sum_d accept@d
   histogram     how many steps emitted 1, 2, ..., depth + 1 tokens
-  lossless      every output equals the autoregressive output token for token
+  lossless      every output equals the autoregressive output token for token; an output
+                that differs is judged at its first differing position: a tie (bf16's tree and
+                one-token forwards round a near-tie apart) or a real mismatch (the rule:
+                hydra_jax/decoding/tie_check.py; in f32 every difference is real)
 
 Prompts (--prompts): JSONL with {"prompt": text} (or {"prompt_ids": [...]}), MT-Bench JSONL
 with {"turns": [...]}, or plain text with one prompt per line. With MT-Bench, --turns first
@@ -203,8 +206,9 @@ def first_difference(a: Sequence[int], b: Sequence[int]) -> Optional[int]:
   return None if len(a) == len(b) else min(len(a), len(b))
 
 
-def method_metrics(m: Method, ar: Method) -> Dict[str, Any]:
-  """The table row of one method (AR included), from its results and timings."""
+def method_metrics(m: Method, ar: Method, tie_checker=None) -> Dict[str, Any]:
+  """The table row of one method (AR included), from its results and timings; with a
+  `tie_check.TieChecker`, each output that differs from AR is judged a tie or a real mismatch."""
   new_tokens = sum(r.new_tokens for r in m.results)
   # Per turn the median over repeats; turns add up.
   time_s = sum(statistics.median(t) for t in m.times)
@@ -218,7 +222,7 @@ def method_metrics(m: Method, ar: Method) -> Dict[str, Any]:
     out.update(tree=None, tree_nodes=1, depth=0, tau=1.0,
                steps=sum(max(r.new_tokens - 1, 0) for r in m.results),
                accept_rates=[], accept_hist={"1": 1.0}, lossless=True, mismatches=[],
-               num_mismatches=0)
+               num_mismatches=0, num_ties=0, num_real_mismatches=0)
     return out
   per_step = [a for r in m.results for a in (r.extra.get("accepted_per_step") or [])]
   depth = int(m.tree.depth)
@@ -230,11 +234,17 @@ def method_metrics(m: Method, ar: Method) -> Dict[str, Any]:
   for (turn, i), r, base in zip(m.labels, m.results, ar.results):
     at = first_difference(r.output_ids, base.output_ids)
     if at is not None:
-      mismatches.append({"turn": turn + 1, "prompt": i, "position": at})
+      diff = {"turn": turn + 1, "prompt": i, "position": at, "tie": False}
+      judged = tie_checker and tie_checker.classify(base.prompt_ids, base.output_ids,
+                                                    r.output_ids, at)
+      if judged:
+        diff.update(judged.to_json())
+      mismatches.append(diff)
   out.update(tree=m.tree.name, tree_nodes=int(m.tree.num_nodes), depth=depth,
              tau=sum(per_step) / steps if steps else 0.0, steps=steps, accept_rates=rates,
              accept_hist=hist, lossless=not mismatches, mismatches=mismatches[:20],
-             num_mismatches=len(mismatches))
+             num_mismatches=len(mismatches), num_ties=sum(d["tie"] for d in mismatches),
+             num_real_mismatches=sum(not d["tie"] for d in mismatches))
   out.update(_heads_training_eval(m.heads_dir))
   return out
 
@@ -284,7 +294,8 @@ def markdown_table(rows: List[Dict[str, Any]], setup: Dict[str, Any]) -> str:
       "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
     rates = [f"{x:.2f}" for x in r["accept_rates"]] + ["-"] * (depth - len(r["accept_rates"]))
-    lossless = "yes" if r["lossless"] else f"NO ({r.get('num_mismatches', 0)} differ)"
+    lossless = "yes" if r["lossless"] else (
+        f"{r['num_mismatches']} differ: {r['num_ties']} at ties, {r['num_real_mismatches']} real")
     tree = f"{r['tree']} ({r['tree_nodes']})" if r["tree"] else "-"
     lines.append("| " + " | ".join([r["name"], tree, f"{r['tau']:.2f}", f"{r['tokens_per_s']:.1f}",
                                     f"{r['speedup']:.2f}x", f"{r['step_cost_vs_ar']:.2f}"] + rates
@@ -293,6 +304,21 @@ def markdown_table(rows: List[Dict[str, Any]], setup: Dict[str, Any]) -> str:
             "one step (draft + verify + accept) over one autoregressive step; speedup ~ tau / "
             "step cost. accept@d: fraction of steps accepting >= d draft tokens (tau = 1 + sum "
             "of accept@d)."]
+  if any(r.get("num_mismatches") for r in rows):
+    lines += ["", "Outputs that differ from autoregressive decoding, judged at the first "
+              "differing position p (hydra_jax/decoding/tie_check.py): a tie when the AR and "
+              "speculative tokens' logits at p differ by at most twice the logits' own rounding "
+              "there (max |logit - f32 logit| over the top tokens, same weights); in f32 every "
+              "difference is real.", "",
+              "| method | outputs | identical | differ at ties | real mismatches | first (p, "
+              "gap, rounding) |", "|---|---|---|---|---|---|"]
+    for r in rows[1:]:
+      first = next(iter(r["mismatches"]), None)
+      where = ("-" if first is None or "gap" not in first else
+               f"{first['position']}, {first['gap']:.3g}, {first['rounding']:.3g}")
+      n = setup.get("num_outputs", 0)
+      lines.append(f"| {r['name']} | {n} | {n - r['num_mismatches']} | {r['num_ties']} | "
+                   f"{r['num_real_mismatches']} | {where} |")
   return "\n".join(lines) + "\n"
 
 
@@ -446,7 +472,9 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     for i, r in zip(index, methods[0].results[first:]):
       conversations[i].append({"role": "assistant", "content": r.text or ""})
 
-  rows = [method_metrics(m, methods[0]) for m in methods]
+  from hydra_jax.decoding.tie_check import TieChecker
+  checker = TieChecker(model.config, model.params, args.dtype)
+  rows = [method_metrics(m, methods[0], checker) for m in methods]
   finish_speedups(rows)
   setup = {
       "model": args.model, "dtype": args.dtype, "prompts": args.prompts,
@@ -454,7 +482,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
       "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
       "repeats": args.repeats, "cache_len": cache_lens[0], "cache_lens": cache_lens,
       "trees": list(args.tree), "heads": {n: p for n, p in heads_specs}, "device": _device(),
-      "prompt_tokens": prompt_tokens,
+      "prompt_tokens": prompt_tokens, "num_outputs": len(methods[0].results),
   }
   outputs = []
   for j, ((turn, i), r) in enumerate(zip(methods[0].labels, methods[0].results)):

@@ -1,0 +1,98 @@
+"""Why a speculative output differs from autoregressive decoding: a near-tie, or a real mismatch.
+
+In f32 the tree forward and the one-token forward pick the same greedy tokens (the parity
+tests hold them to it). In bf16 they round differently (other matmul shapes, other
+accumulation orders), so where the base's two best logits are closer than that rounding, the
+two loops can pick different tokens, and the outputs part from there on. Nothing is wrong with
+either: both tokens are the argmax of a correctly computed bf16 forward.
+
+Each difference is judged at its first differing position p, where both loops saw the same
+prefix (prompt + AR output[:p]); the speculative token there is the argmax of the tree
+forward's logits (an accepted draft equals it, and so does the bonus). The rule:
+
+  gap       logits[AR token] - logits[spec token] at p, from one full forward over the prefix
+            in the run's dtype (a third rounding of the same numbers)
+  rounding  max |logits_dtype - logits_f32| over the 8 best tokens at p, logits_f32 being the
+            same forward in f32 over the same (already rounded) weights: how far the logits
+            themselves move under the dtype's rounding at that position
+  tie       |gap| <= 2 * rounding: each of the two logits may be off by `rounding` in either
+            loop. In f32 rounding is 0, so any f32 difference is a real mismatch.
+
+Legend: T sequence length (padded), V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hydra_jax.model.llama import LlamaModel
+
+PAD_TO = 128  # prefixes are padded to a multiple of this: one compile per bucket, not per length
+ROUNDING_TOP = 8  # the logits whose rounding is measured: the contenders at p
+
+
+@dataclasses.dataclass
+class Difference:
+  position: int  # first differing output index
+  ar_token: int
+  spec_token: int
+  gap: float  # logits[ar] - logits[spec] at p (run dtype)
+  top2_margin: float  # top-1 minus top-2 logit at p (run dtype)
+  rounding: float  # max |dtype - f32| over the top logits at p
+  tie: bool
+
+  def to_json(self) -> Dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+class TieChecker:
+  """Classifies differences for one model (params in the run's dtype); jitted forwards are
+  kept per padded length."""
+
+  def __init__(self, cfg, params, dtype):
+    self.dtype = jnp.dtype(dtype)
+    self.params = params
+    self.params_f32 = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), params)
+    run = LlamaModel(cfg, dtype=self.dtype, param_dtype=self.dtype)
+    ref = LlamaModel(cfg, dtype=jnp.float32, param_dtype=jnp.float32)
+
+    def last_logits(model, p, tokens_1xT, last):
+      positions = jnp.arange(tokens_1xT.shape[1], dtype=jnp.int32)[None, :]
+      logits, _, _ = model.apply({"params": p}, tokens_1xT, positions)
+      return logits[0, last]  # causal: the padding after `last` is never seen
+
+    self._run = jax.jit(lambda p, t, i: last_logits(run, p, t, i))
+    self._ref = jax.jit(lambda p, t, i: last_logits(ref, p, t, i))
+
+  def classify(self, prompt_ids: Sequence[int], ar_ids: Sequence[int],
+               spec_ids: Sequence[int], position: int) -> Optional[Difference]:
+    """The difference at `position` (the first where ar_ids and spec_ids differ); None where
+    one output merely stopped earlier (no token to compare)."""
+    if position >= len(ar_ids) or position >= len(spec_ids):
+      return None
+    prefix = list(prompt_ids) + list(ar_ids[:position])
+    t = -(-len(prefix) // PAD_TO) * PAD_TO
+    tokens = np.zeros((1, t), np.int32)
+    tokens[0, :len(prefix)] = prefix
+    last = jnp.int32(len(prefix) - 1)
+    logits = np.asarray(self._run(self.params, tokens, last), np.float64)
+    a, s = int(ar_ids[position]), int(spec_ids[position])
+    gap = float(logits[a] - logits[s])
+    top = np.argsort(-logits)[:max(ROUNDING_TOP, 2)]
+    margin = float(logits[top[0]] - logits[top[1]])
+    if self.dtype == jnp.float32:
+      rounding = 0.0
+    else:
+      ref = np.asarray(self._ref(self.params_f32, tokens, last), np.float64)
+      contenders = np.unique(np.concatenate([top, [a, s]]))
+      rounding = float(np.max(np.abs(logits[contenders] - ref[contenders])))
+    return Difference(position=position, ar_token=a, spec_token=s, gap=gap, top2_margin=margin,
+                      rounding=rounding, tie=abs(gap) <= 2.0 * rounding)
+
+
+__all__ = ["Difference", "TieChecker"]
