@@ -26,7 +26,9 @@ that small. Threads: "1" runs XLA:CPU on one thread (a child process with
 Models: `embedded` is the shipped TinyShakespeare model with its shipped heads; `random50m`
 and `random150m` are random Llamas with random heads (weights do not change step costs).
 Trees: a number n is the n-token tree (root included) grown from the preset accuracy model
-(`tree.grow_tree`), or a preset name / JSON file; `auto` is each shipped heads' fitted tree.
+(`tree.grow_tree`), or a preset name / JSON file; `auto` is each shipped heads' fitted tree;
+`dynamic:N[:D[:K[:T]]]` a dynamic tree (its draft row includes choosing the topology and its
+verify row building the per-row mask).
 """
 
 from __future__ import annotations
@@ -127,22 +129,32 @@ def _partial_step(engine, upto: str):
   from hydra_jax.decoding.drafting import DraftInputs
   from hydra_jax.decoding.step_timing import NO_STOP
   models = engine.models
+  dynamic = models.tree.dynamic  # a dynamic tree's drafter also returns the topology
 
   def make(params, heads_params, accept_params):
     drafter = engine.drafter_factory(models, params, heads_params)
 
     def one(s):
       lengths = s.cache.lengths
-      tokens = drafter(DraftInputs(root_B=s.last_token, context_BxE=s.spec.context_BxE,
-                                   num_out_B=s.num_generated, step=s.step))
-      tokens = tokens.at[:, 0].set(s.last_token)
+      draft = drafter(DraftInputs(root_B=s.last_token, context_BxE=s.spec.context_BxE,
+                                  num_out_B=s.num_generated, step=s.step))
+      if dynamic:  # the topology too: keep all of it alive
+        draft = draft.replace(tokens_BxN=draft.tokens_BxN.at[:, 0].set(s.last_token))
+        tokens = draft.tokens_BxN
+        kept = jnp.max(tokens + draft.parents_BxN + draft.depths_BxN, axis=1)
+      else:
+        tokens = draft.at[:, 0].set(s.last_token)
+        kept = jnp.max(tokens, axis=1)
       if upto == "draft":
-        return s.replace(last_token=jnp.max(tokens, axis=1))
-      logits, hidden, cache = spec.verify(models, params, tokens, s.cache)
+        return s.replace(last_token=kept)
+      if dynamic:
+        logits, hidden, cache = spec.verify_dynamic(models, params, draft, s.cache)
+      else:
+        logits, hidden, cache = spec.verify(models, params, tokens, s.cache)
       if upto == "verify":
         return s.replace(cache=cache, last_token=jnp.argmax(logits[:, -1], -1).astype(jnp.int32))
       a, path, last, bonus = spec.accept_tree(models.tree, tokens, logits, s, accept_params,
-                                              engine.accept)
+                                              engine.accept, draft if dynamic else None)
       if upto == "accept":
         return s.replace(cache=cache, last_token=bonus + a)
       commit = jnp.where(~s.done, a + 1, 0)

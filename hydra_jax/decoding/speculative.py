@@ -81,23 +81,31 @@ def verify(models: SpecModels, base_params, tokens_BxN, cache: KVCache):
 
 
 def accept_tree(tree, tokens_BxN, logits_BxNxV, s: DecodeState, params: AcceptParams,
-                accept: str):
-  """(a [B], path_nodes [B, M], last node [B], bonus token [B]) by the static accept rule."""
+                accept: str, draft: Optional[dyn.DynamicDraft] = None):
+  """(a [B], path_nodes [B, M], last node [B], bonus token [B]) by the static accept rule, on
+  the static tree's topology or, given `draft`, on a dynamic tree's per-row parents."""
+  if draft is None:
+    rules = (lambda pred: greedy_accept(tree, tokens_BxN, pred),
+             lambda: typical_accept(tree, tokens_BxN, logits_BxNxV, params),
+             lambda keys: exact_accept(tree, tokens_BxN, logits_BxNxV, keys, params))
+  else:
+    rules = (lambda pred: dyn.greedy_accept(draft, pred, tree.depth),
+             lambda: dyn.typical_accept(draft, logits_BxNxV, params, tree.depth),
+             lambda keys: dyn.exact_accept(draft, logits_BxNxV, keys, params, tree.depth))
+  greedy, typical, exact = rules
   if accept == "greedy":  # the argmax per node: [B, N] ints, not [B, N, V] logits
     pred = jnp.argmax(logits_BxNxV, axis=-1).astype(jnp.int32)
-    a, path_nodes, last = greedy_accept(tree, tokens_BxN, pred)
+    a, path_nodes, last = greedy(pred)
     return a, path_nodes, last, jnp.take_along_axis(pred, last[:, None], axis=1)[:, 0]
-  logits = logits_BxNxV
   if accept == "typical":
-    a, path_nodes, last = typical_accept(tree, tokens_BxN, logits, params)
-    bonus = sample(jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0],
+    a, path_nodes, last = typical()
+    bonus = sample(jnp.take_along_axis(logits_BxNxV, last[:, None, None], axis=1)[:, 0],
                    lambda: row_keys(s.rng, s.row_ids, s.num_generated + a), params.temperature,
                    params.top_k, params.top_p)
     return a, path_nodes, last, bonus
   # "exact": depth d decides output index num_generated + d
-  keys = jnp.stack([row_keys(s.rng, s.row_ids, s.num_generated + d)
-                    for d in range(tree.depth + 1)])
-  return exact_accept(tree, tokens_BxN, logits, keys, params)
+  return exact(jnp.stack([row_keys(s.rng, s.row_ids, s.num_generated + d)
+                          for d in range(tree.depth + 1)]))
 
 
 def verify_dynamic(models: SpecModels, base_params, draft: dyn.DynamicDraft, cache: KVCache):
@@ -106,24 +114,6 @@ def verify_dynamic(models: SpecModels, base_params, draft: dyn.DynamicDraft, cac
   positions = lengths[:, None] + draft.depths_BxN
   mask = tree_mask(lengths, dyn.ancestors(draft, models.tree.depth), cache.max_len)
   return models.base.apply({"params": base_params}, draft.tokens_BxN, positions, cache, mask)
-
-
-def accept_dynamic(tree, draft: dyn.DynamicDraft, logits_BxNxV, s: DecodeState,
-                   params: AcceptParams, accept: str):
-  """`accept_tree` for a dynamic tree: the same three rules on the per-row parents."""
-  if accept == "greedy":
-    pred = jnp.argmax(logits_BxNxV, axis=-1).astype(jnp.int32)
-    a, path_nodes, last = dyn.greedy_accept(draft, pred, tree.depth)
-    return a, path_nodes, last, jnp.take_along_axis(pred, last[:, None], axis=1)[:, 0]
-  if accept == "typical":
-    a, path_nodes, last = dyn.typical_accept(draft, logits_BxNxV, params, tree.depth)
-    bonus = sample(jnp.take_along_axis(logits_BxNxV, last[:, None, None], axis=1)[:, 0],
-                   lambda: row_keys(s.rng, s.row_ids, s.num_generated + a), params.temperature,
-                   params.top_k, params.top_p)
-    return a, path_nodes, last, bonus
-  keys = jnp.stack([row_keys(s.rng, s.row_ids, s.num_generated + d)
-                    for d in range(tree.depth + 1)])
-  return dyn.exact_accept(draft, logits_BxNxV, keys, params, tree.depth)
 
 
 def commit_kv(cache: KVCache, lengths, path_nodes, commit) -> KVCache:
@@ -179,7 +169,8 @@ def spec_step(models: SpecModels, base_params, heads_params, drafter: Drafter, s
     draft = draft.replace(tokens_BxN=draft.tokens_BxN.at[:, 0].set(s.last_token))
     tokens = draft.tokens_BxN
     logits, hidden, cache = verify_dynamic(models, base_params, draft, s.cache)
-    a, path_nodes, last, bonus = accept_dynamic(models.tree, draft, logits, s, params, accept)
+    a, path_nodes, last, bonus = accept_tree(models.tree, tokens, logits, s, params, accept,
+                                             draft)
   else:
     tokens = draft.at[:, 0].set(s.last_token)  # the root is never a guess
     logits, hidden, cache = verify(models, base_params, tokens, s.cache)
@@ -203,5 +194,5 @@ def spec_loop(models: SpecModels, base_params, heads_params, drafter: Drafter, s
       state)
 
 
-__all__ = ["SpecCarry", "accept_dynamic", "accept_tree", "commit_kv", "emit_accepted", "next_context", "spec_loop",
+__all__ = ["SpecCarry", "accept_tree", "commit_kv", "emit_accepted", "next_context", "spec_loop",
            "spec_prefill", "spec_step", "verify", "verify_dynamic"]
