@@ -57,7 +57,7 @@ class TieChecker:
   def __init__(self, cfg, params, dtype):
     self.dtype = jnp.dtype(dtype)
     self.params = params
-    self.params_f32 = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), params)
+    self._params_f32 = None  # made on the first bf16 difference: most runs have none
     run = LlamaModel(cfg, dtype=self.dtype, param_dtype=self.dtype)
     ref = LlamaModel(cfg, dtype=jnp.float32, param_dtype=jnp.float32)
 
@@ -88,7 +88,9 @@ class TieChecker:
     if self.dtype == jnp.float32:
       rounding = 0.0
     else:
-      ref = np.asarray(self._ref(self.params_f32, tokens, last), np.float64)
+      if self._params_f32 is None:
+        self._params_f32 = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), self.params)
+      ref = np.asarray(self._ref(self._params_f32, tokens, last), np.float64)
       contenders = np.unique(np.concatenate([top, [a, s]]))
       rounding = float(np.max(np.abs(logits[contenders] - ref[contenders])))
     return Difference(position=position, ar_token=a, spec_token=s, gap=gap, top2_margin=margin,
