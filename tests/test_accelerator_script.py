@@ -5,9 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow  # ~70 s on 2 cores; CI's slow run has it
 def test_accelerator_script_runs_on_cpu_tiny(tmp_path):
   out = tmp_path / "report.json"
   proc = subprocess.run(

@@ -115,6 +115,34 @@ def test_draft_vocabulary_sums_match_numpy():
                                  err_msg=f"head {k} {name}")
 
 
+def test_teacher_over_the_draft_columns_only_matches_the_full_vocabulary():
+  """Training (no evaluation) may compute the base's logits over the draft tokens only; the
+  renormalised teacher, so every sum, is the one the full-vocabulary path gives."""
+  head_logits, base_logits, tokens, mask = _inputs(3)
+  draft = np.array([7, 3, 30, 0, 12, 21, 5, 36, 18, 9, 25, 1], np.int32)
+  head_logits = [jnp.asarray(h[..., draft]) for h in head_logits]
+  targets, weights = losses.shift_targets(jnp.asarray(tokens), jnp.asarray(mask), K)
+  seen = []
+
+  def draft_only(h):
+    seen.append(h.shape)
+    return h[..., draft]
+
+  kw = dict(base_hidden_BxTxD=jnp.asarray(base_logits), base_logits_fn=lambda h: h, chunk=4,
+            teacher=True, draft_ids=draft, vocab_size=V)
+  full = losses.head_sums(lambda k, f: f, head_logits, targets, weights, **kw)
+  narrow = losses.head_sums(lambda k, f: f, head_logits, targets, weights,
+                            base_draft_logits_fn=draft_only, **kw)
+  assert seen, "the draft-columns function was not used"
+  assert set(full) == set(narrow) and "soft" in full
+  for name in full:
+    np.testing.assert_allclose(np.asarray(narrow[name]), np.asarray(full[name]), rtol=1e-6,
+                               err_msg=name)
+  want = _numpy_draft_reference([np.asarray(h) for h in head_logits], base_logits, tokens,
+                                mask, draft)
+  np.testing.assert_allclose(np.asarray(narrow["soft"]), [w["soft"] for w in want], rtol=2e-5)
+
+
 @pytest.mark.parametrize("chunk", [0, 4])  # 4 does not divide T: padded last chunk
 def test_sums_match_numpy(chunk):
   head_logits, base_logits, tokens, mask = _inputs()

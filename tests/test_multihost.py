@@ -3,6 +3,7 @@
 import os
 
 import numpy as np
+import pytest
 
 import _multihost_worker as tiny
 from _multiprocess import workers
@@ -10,6 +11,8 @@ from _multiprocess import workers
 WORKER = os.path.join(os.path.dirname(__file__), "_multihost_worker.py")
 
 
+# ~3 min on 2 cores: in the slow run (CI runs it too).
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
   out = str(tmp_path / "multihost.npz")
   with workers(WORKER, out):

@@ -32,6 +32,8 @@ def _outputs(cell):
   return "".join(texts), mimes
 
 
+# ~2.5 min on 2 cores: in the slow run (CI runs it too).
+@pytest.mark.slow
 def test_notebook_runs_on_tiny_settings(tmp_path_factory, monkeypatch):
   # The kernel inherits this environment: one CPU device and the tiny settings. The notebook's
   # default model is the embedded one; a checkout without it gets the shared tiny model.

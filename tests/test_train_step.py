@@ -189,3 +189,32 @@ def test_no_module_declares_its_own_defaults():
     src = inspect.getsource(module)
     assert "DEFAULTS" not in src and "cfg_get" not in src, module.__name__
   assert data.default_data_config().to_dict() == config_base.base_config().data.to_dict()
+
+
+def test_draft_vocabulary_teacher_in_training_equals_the_full_vocabulary_path():
+  """With a draft vocabulary, training computes the base's teacher logits over the draft
+  columns only; evaluation computes all V (it needs the base's argmax). Both must give the
+  same soft (teacher) sums for the same params and batch."""
+  import jax.numpy as jnp
+  from hydra_jax.model.heads import DraftHeads, init_heads
+  from hydra_jax.model.llama import LlamaModel
+  model_cfg = tiny.tiny_model_cfg()
+  draft = tuple(int(i) for i in np.random.default_rng(1).permutation(256)[:48])
+  heads_cfg = tiny.tiny_heads_cfg("hydra++", dropout=0.0, draft_vocab=draft)
+  base_params = jax.tree_util.tree_map(jnp.asarray, tiny.tiny_base_params())
+  heads_params = init_heads(heads_cfg, model_cfg, base_params, jax.random.PRNGKey(2))
+  base_model = LlamaModel(model_cfg, dtype=jnp.float32)
+  heads_model = DraftHeads(heads_cfg, model_cfg, dtype=jnp.float32, param_dtype=jnp.float32)
+  batch = {k: jnp.asarray(v) for k, v in tiny.global_batch().items()}
+
+  def sums(evaluation):
+    return jax.jit(lambda h, b, x: step._forward_sums(
+        base_model, heads_model, h, b, x, num_heads=heads_cfg.num_heads, chunk=6,
+        teacher=True, evaluation=evaluation))(heads_params, base_params, batch)
+
+  train, full = sums(False), sums(True)
+  assert "base_top1" not in train and "base_top1" in full
+  for key in ("weight", "hard", "top1", "soft"):
+    np.testing.assert_allclose(np.asarray(train[key]), np.asarray(full[key]), rtol=1e-5,
+                               err_msg=key)
+  assert float(np.min(np.asarray(train["soft"]))) > 0

@@ -290,12 +290,15 @@ class LlamaModel(nn.Module):
   def embed(self, tokens_BxT):
     return jnp.take(self.embed_tokens(), tokens_BxT, axis=0).astype(jnp.float32)
 
-  def logits(self, hidden_BxTxD):
-    """LM head (inputs in the compute dtype), f32 logits (what sampling and losses want)."""
+  def logits(self, hidden_BxTxD, columns=None):
+    """LM head (inputs in the compute dtype), f32 logits (what sampling and losses want);
+    `columns` (int [V']): only those tokens' logits, [B, T, V']."""
     if self.cfg.tie_word_embeddings:
       w = self.embed_tokens().T
     else:
       w = self.lm_head()
+    if columns is not None:
+      w = jnp.take(w, columns, axis=1)
     return dense(hidden_BxTxD, w, self.dtype)
 
   def __call__(self, tokens_BxT, positions_BxT, cache: Optional[KVCache] = None,

@@ -68,10 +68,13 @@ def smollm2(kind: str, num_steps: int = 160):
   Data: Magpie self-distillation, no dataset: the model writes user questions from its chat
   template's pre-query prefix and answers them greedily; MT-Bench is never used. From the
   repository root (one CPU core: ~30 min for Hydra++; runs resume), then ship the heads (bf16):
-    python -m hydra_jax.training.magpie --model smollm2 --num-queries 480 \
-        --out ~/.cache/hydra_jax/smollm2_magpie_v1.jsonl      # once, for all three kinds
+    python -m hydra_jax.training.magpie --model smollm2 --target-tokens 500000 \
+        --out ~/.cache/hydra_jax/smollm2_magpie_v2      # once, for all three kinds; resumable
     python train.py --config configs/smollm2_KIND.py --workdir /work/smollm2_heads/KIND
     python -m hydra_jax.registry.models ship-heads smollm2 /work/smollm2_heads/KIND/heads KIND
+  The shipped heads were trained on smollm2_magpie_v1.jsonl: 480 queries (90,684 answer
+  tokens) in one file, written by the single-file Magpie writer that the sharded data set
+  replaced; train on such a file with HYDRA_SMOLLM2_DATA=FILE.jsonl.
   Results: hydra_jax/assets/smollm2/heads/README.md.
   """
   from hydra_jax.registry import models
@@ -82,11 +85,12 @@ def smollm2(kind: str, num_steps: int = 160):
   c.heads.lm_head = "base"  # the base's LM head (frozen), restricted to the draft vocabulary
   c.heads.draft_vocab_size = 4096
   c.data.source = "sharegpt"
+  # A directory: its shard-*.jsonl in order (data.expand_paths).
   c.data.path = os.environ.get("HYDRA_SMOLLM2_DATA") or os.path.join(
-      models.cache_root(), "smollm2_magpie_v1.jsonl")
+      models.cache_root(), "smollm2_magpie_v2")
   c.data.missing_hint = ("write the Magpie conversations first with `python -m "
-                         "hydra_jax.training.magpie --model smollm2 --num-queries 480 --out "
-                         f"{c.data.path}`")
+                         "hydra_jax.training.magpie --model smollm2 --target-tokens 500000 "
+                         f"--out {c.data.path}` (resumable: rerun it to continue)")
   c.data.template = "chat_template"  # ChatML; loss on the assistant replies only
   c.data.eval_fraction = 0.05
   c.seq_len = 384  # a question + a 256-token answer in ChatML fits: little padding

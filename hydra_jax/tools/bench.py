@@ -304,12 +304,12 @@ def markdown_table(rows: List[Dict[str, Any]], setup: Dict[str, Any]) -> str:
             "one step (draft + verify + accept) over one autoregressive step; speedup ~ tau / "
             "step cost. accept@d: fraction of steps accepting >= d draft tokens (tau = 1 + sum "
             "of accept@d)."]
-  if any(r.get("num_mismatches") for r in rows):
+  if any(r.get("num_mismatches") for r in rows) or setup.get("dtype", "float32") != "float32":
     lines += ["", "Outputs that differ from autoregressive decoding, judged at the first "
               "differing position p (hydra_jax/decoding/tie_check.py): a tie when the AR and "
-              "speculative tokens' logits at p differ by at most twice the logits' own rounding "
-              "there (max |logit - f32 logit| over the top tokens, same weights); in f32 every "
-              "difference is real.", "",
+              "speculative tokens' logits at p differ by at most 4x the logits' own rounding "
+              "there (max |logit - f32 logit| over the top tokens, same weights: two forwards "
+              "each that far from f32 can rank the pair apart); in f32 every difference is real.", "",
               "| method | outputs | identical | differ at ties | real mismatches | first (p, "
               "gap, rounding) |", "|---|---|---|---|---|---|"]
     for r in rows[1:]:

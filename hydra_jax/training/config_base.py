@@ -88,6 +88,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.eval_fraction = 0.05  # held-out share of the records (the 95/5 split)
   c.data.max_records = 0  # 0 = all; else the first N records / TFDS documents / text windows
   c.data.system_prompt = ""  # system prompt for chat templates ("" = the template's default)
+  # The frozen base's hidden states for the training rows, built once by `python -m
+  # hydra_jax.training.feature_cache --config ... --out DIR`: train steps then skip the base
+  # forward (the teacher is still the base's LM head over them); evaluation stays online.
+  c.data.feature_cache = ""  # that DIR; "" = off (the base runs in every train step)
 
   c.seq_len = 2048  # tokens per training row; must be <= the base's max_position_embeddings
   c.global_batch_size = 32  # rows per optimizer step over all processes

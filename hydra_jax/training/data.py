@@ -75,10 +75,19 @@ def read_text(fname: str) -> str:
 
 
 def expand_paths(path: str) -> List[str]:
-  """A file, a glob, or a comma-separated list of them; sorted within each glob."""
+  """A file, a glob, a directory data set (its shard-*.jsonl, as the Magpie recipe writes
+  them), or a comma-separated list of them; sorted within each glob or directory."""
   files: List[str] = []
   for part in [p.strip() for p in str(path).split(",") if p.strip()]:
-    matches = sorted(glob.glob(os.path.expanduser(part)))
+    part = os.path.expanduser(part)
+    if os.path.isdir(part):
+      shards = sorted(glob.glob(os.path.join(glob.escape(part), "shard-*.jsonl")))
+      if not shards:
+        raise DataFileNotFoundError(f"data.path: {part} is a directory without shard-*.jsonl "
+                                    "files; give a file or a glob (e.g. DIR/*.jsonl)")
+      files.extend(shards)
+      continue
+    matches = sorted(glob.glob(part))
     files.extend(m for m in matches if os.path.isfile(m))
   if not files:
     raise DataFileNotFoundError(f"data.path={path!r} matches no file; give a file, a glob or "
@@ -263,9 +272,10 @@ class BatchIterator:
       self._order, self._order_epoch = self.indices[rng.permutation(len(self.indices))], epoch
     return self._order
 
-  def _local_rows(self, global_ids: np.ndarray) -> np.ndarray:
+  def local_batch(self, global_ids: np.ndarray) -> Dict[str, np.ndarray]:
+    """This process's rows of the global batch of example ids `global_ids` (-1: padding)."""
     b = self.local_batch_size
-    return global_ids[self.process_index * b:(self.process_index + 1) * b]
+    return self._batch(global_ids[self.process_index * b:(self.process_index + 1) * b])
 
   def _batch(self, ids: np.ndarray) -> Dict[str, np.ndarray]:
     """Rows for example ids; id -1 is a padding row (pad tokens, loss_mask 0)."""
@@ -285,7 +295,7 @@ class BatchIterator:
                        "add data")
     g = self.global_batch_size
     order = self.epoch_order(self.epoch)
-    batch = self._batch(self._local_rows(order[self.position * g:(self.position + 1) * g]))
+    batch = self.local_batch(order[self.position * g:(self.position + 1) * g])
     self.position += 1
     if self.position == self.steps_per_epoch:
       self.epoch, self.position = self.epoch + 1, 0
@@ -301,7 +311,7 @@ class BatchIterator:
       ids = np.full([g], -1, np.int64)
       chunk = self.indices[i * g:(i + 1) * g]
       ids[:len(chunk)] = chunk
-      yield self._batch(self._local_rows(ids))
+      yield self.local_batch(ids)
 
   def get_state(self) -> Dict[str, Any]:
     """JSON-able; the same on every process (it counts global batches)."""

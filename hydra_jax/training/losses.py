@@ -77,10 +77,11 @@ def _pick(logits_xV: jax.Array, ids_x: jax.Array) -> jax.Array:
 
 
 def _head_sums(head_logits_fn, k: int, teacher: bool, evaluation: bool, to_draft,
-               feats_BxCxD, targets_BxC, weights_BxC, base_logits_BxCxV):
+               base_in_draft: bool, feats_BxCxD, targets_BxC, weights_BxC, base_logits_BxCxV):
   """Masked SUMS for one head on one chunk: weight, hard CE, (soft CE), accuracies.
 
   to_draft: None, or (int32 [V] token id -> draft index or -1, int32 [V'] draft ids).
+  base_in_draft: base_logits_BxCxV holds the draft vocabulary's columns only ([B, C, V']).
   """
   logits = head_logits_fn(k, feats_BxCxD).astype(jnp.float32)
   logz = jax.nn.logsumexp(logits, axis=-1)
@@ -96,7 +97,7 @@ def _head_sums(head_logits_fn, k: int, teacher: bool, evaluation: bool, to_draft
   out["top1"] = jnp.sum(w * (rank < 1))
   if teacher:
     teacher_logits = jax.lax.stop_gradient(base_logits_BxCxV).astype(jnp.float32)
-    if to_draft is not None:
+    if to_draft is not None and not base_in_draft:
       teacher_logits = jnp.take(teacher_logits, to_draft[1], axis=-1)
     p = jax.nn.softmax(teacher_logits, axis=-1)
     # -sum_v p_v log q_v = logsumexp(z) - sum_v p_v z_v, since sum_v p_v = 1.
@@ -125,7 +126,8 @@ def head_sums(head_logits_fn: Callable[[int, jax.Array], jax.Array],
               base_logits_fn: Optional[Callable[[jax.Array], jax.Array]] = None,
               chunk: int = 0, teacher: bool = False, evaluation: bool = False,
               constrain: Optional[Callable[[jax.Array, int], jax.Array]] = None,
-              draft_ids: Optional[np.ndarray] = None, vocab_size: int = 0
+              draft_ids: Optional[np.ndarray] = None, vocab_size: int = 0,
+              base_draft_logits_fn: Optional[Callable[[jax.Array], jax.Array]] = None
               ) -> Dict[str, jax.Array]:
   """Per-head masked sums, each a [K] f32 array, computed chunk by chunk over T.
 
@@ -137,6 +139,11 @@ def head_sums(head_logits_fn: Callable[[int, jax.Array], jax.Array],
   constrain(x, batch_dim) -> x: pins the batch dim's sharding of the chunked arrays
     (the train step passes a with_sharding_constraint over the data axes; None = no-op).
   draft_ids: the heads' draft vocabulary (int [V'], of a vocab_size-token base), or None.
+  base_draft_logits_fn(hidden_BxSxD) -> f32 [B, S, V']: the base's logits over the draft
+    vocabulary only. With draft_ids and without `evaluation` (which needs the base's
+    full-vocabulary argmax) the teacher is computed with it: the teacher is renormalised over
+    the draft vocabulary anyway, and the other V - V' columns were most of the step's work
+    once the base forward comes from a feature cache (SmolLM2: 49152 vs 4096 columns).
   Keys: weight, hard, top1 [, soft] [, top5, base_top1, base_top5, base_rank_counts [K, R]].
   """
   pin = constrain or (lambda x, batch_dim: x)
@@ -168,8 +175,12 @@ def head_sums(head_logits_fn: Callable[[int, jax.Array], jax.Array],
     index_of = np.full((vocab_size,), -1, np.int32)
     index_of[np.asarray(draft_ids)] = np.arange(len(draft_ids), dtype=np.int32)
     to_draft = (jnp.asarray(index_of), jnp.asarray(draft_ids, jnp.int32))
+  base_in_draft = (to_draft is not None and not evaluation
+                   and base_draft_logits_fn is not None)
+  base_fn = base_draft_logits_fn if base_in_draft else base_logits_fn
   head_fns = [jax.checkpoint(functools.partial(_head_sums, head_logits_fn, k, teacher,
-                                               evaluation, to_draft)) for k in range(num_heads)]
+                                               evaluation, to_draft, base_in_draft))
+              for k in range(num_heads)]
 
   @jax.checkpoint
   def body(carry, xs):
@@ -178,7 +189,7 @@ def head_sums(head_logits_fn: Callable[[int, jax.Array], jax.Array],
     base = None
     if need_base:
       h = jax.lax.dynamic_slice_in_dim(hidden_pad, i * c + 1, halo, axis=1)
-      base = jax.lax.stop_gradient(base_logits_fn(h).astype(jnp.float32))
+      base = jax.lax.stop_gradient(base_fn(h).astype(jnp.float32))
     sums = []
     for k in range(num_heads):
       base_k = None if base is None else base[:, k:k + c]

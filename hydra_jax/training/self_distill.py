@@ -111,8 +111,11 @@ def self_distill(model, prompts: Sequence[Dict[str, Any]], *, max_new_tokens: in
                  batch_size: int = 8, template: str = "plain", temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                  system_prompt: Optional[str] = None, out_path: Optional[str] = None,
-                 chunk_size: Optional[int] = None):
+                 chunk_size: Optional[int] = None, heads=None, tree="auto"):
   """Answers every prompt's turns with `model`; returns (ShareGPT records, stats).
+
+  `heads` (a heads directory or a (HeadsConfig, params) pair) and `tree` decode
+  speculatively, through `generate`; at temperature 0 the answers are the same.
 
   Conversations run in chunks (written to `out_path` as each finishes, so a long run keeps
   what it has); within a chunk, turn r of every conversation is one batched `generate` call.
@@ -151,9 +154,10 @@ def self_distill(model, prompts: Sequence[Dict[str, Any]], *, max_new_tokens: in
           ids.append(pid)
         if not rows:
           break
+        spec = {"heads": heads, "tree": tree} if heads is not None else {}
         results = api.generate(model, ids, max_new_tokens, temperature=temperature, top_k=top_k,
                                top_p=top_p, seed=seed + 7919 * (c0 // chunk_size) + 104729 * r,
-                               batch_size=batch_size)
+                               batch_size=batch_size, **spec)
         for j, res in zip(rows, results):
           reply = (res.text or "").strip()
           stats[f"finish_{res.finish_reason}"] += 1

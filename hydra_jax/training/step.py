@@ -1,7 +1,8 @@
 """The jitted, sharded head-distillation step (and the eval step).
 
 One jit does everything for a batch: the frozen base forward (no cache, causal, in
-train.base_dtype, under stop_gradient) -> final hidden states, the token embeddings from the
+train.base_dtype, under stop_gradient; skipped when the batch carries the hidden states from
+a feature cache, feature_cache.py) -> final hidden states, the token embeddings from the
 base's frozen table, the heads' teacher-forced features, the per-head losses chunked over T
 (base logits for the teacher computed chunk by chunk inside the loss, never [B, T, V] at
 once), gradients w.r.t. the head params only, and the optax update. The base params are an
@@ -92,15 +93,28 @@ def _models(model_cfg, heads_cfg, train: Dict[str, Any]):
   return base, heads
 
 
+def base_hidden(base_model: LlamaModel, base_params, tokens_BxT, positions_BxT):
+  """The frozen base's last hidden state [B, T, D] (f32, after the final norm): what the
+  heads read, and what feature_cache.py stores so that a step can skip this forward."""
+  _, hidden, _ = base_model.apply({"params": base_params}, tokens_BxT, positions_BxT,
+                                  return_logits=False)
+  return jax.lax.stop_gradient(hidden)
+
+
 def _forward_sums(base_model, heads_model, heads_params, base_params, batch, *, num_heads: int,
                   chunk: int, teacher: bool, evaluation: bool, dropout_rng=None,
                   deterministic: bool = True, mesh: Optional[Mesh] = None):
-  """Frozen base -> teacher-forced head features -> chunked per-head sums."""
+  """Frozen base -> teacher-forced head features -> chunked per-head sums.
+
+  A batch with "hidden" (cached base features) skips the base forward; the teacher is still
+  the base's LM head over that hidden state, computed chunk by chunk in the loss.
+  """
   base_params = jax.lax.stop_gradient(base_params)
   tokens, positions = batch["tokens"], batch["positions"]
-  _, hidden, _ = base_model.apply({"params": base_params}, tokens, positions,
-                                  return_logits=False)
-  hidden = jax.lax.stop_gradient(hidden)
+  if "hidden" in batch:  # read from a feature cache (feature_cache.py): no base forward
+    hidden = jax.lax.stop_gradient(batch["hidden"].astype(jnp.float32))
+  else:
+    hidden = base_hidden(base_model, base_params, tokens, positions)
   embeds = jnp.take(base_params["embed_tokens"]["embedding"], tokens, axis=0)
   embeds = embeds.astype(heads_model.dtype)
   rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
@@ -116,15 +130,20 @@ def _forward_sums(base_model, heads_model, heads_params, base_params, batch, *, 
     return heads_model.apply({"params": heads_params}, k, feats_BxCxD, base_lm,
                              method=DraftHeads.lm_logits)
 
-  def base_logits(hidden_BxSxD):
-    return base_model.apply({"params": base_params}, hidden_BxSxD, method=LlamaModel.logits)
+  def base_logits(hidden_BxSxD, columns=None):
+    return base_model.apply({"params": base_params}, hidden_BxSxD, columns,
+                            method=LlamaModel.logits)
+
+  draft_ids = hcfg.draft_ids if hcfg.draft_vocab else None
+  base_draft_logits = None if draft_ids is None else functools.partial(
+      base_logits, columns=jnp.asarray(draft_ids, jnp.int32))
 
   constrain = None if mesh is None else functools.partial(_pin_batch, mesh)
   return losses.head_sums(head_logits, feats, targets, weights, base_hidden_BxTxD=hidden,
                           base_logits_fn=base_logits, chunk=chunk, teacher=teacher,
                           evaluation=evaluation, constrain=constrain,
-                          draft_ids=hcfg.draft_ids if hcfg.draft_vocab else None,
-                          vocab_size=base_model.cfg.vocab_size)
+                          draft_ids=draft_ids, vocab_size=base_model.cfg.vocab_size,
+                          base_draft_logits_fn=base_draft_logits)
 
 
 def _pin_batch(mesh, x, batch_dim):
@@ -149,9 +168,10 @@ def build_train_step(model_cfg: ModelConfig, heads_cfg: HeadsConfig, train_cfg,
   """-> jitted train_step(state, base_params, batch, rng) -> (state, metrics).
 
   batch: global arrays from make_global_batch (tokens, positions int32 [B, T]; loss_mask
-  f32 [B, T]). The state is donated. Metrics are scalars: loss, loss_head_k, acc_head_k
-  (top-1 vs the data on the masked targets), grad_norm (before clipping), lr, tokens (B*T),
-  targets (head 0's masked target count).
+  f32 [B, T]; optionally hidden [B, T, D], the base's cached features in any float dtype,
+  and then the base forward is skipped). The state is donated. Metrics are scalars: loss,
+  loss_head_k, acc_head_k (top-1 vs the data on the masked targets), grad_norm (before
+  clipping), lr, tokens (B*T), targets (head 0's masked target count).
   """
   train = config_base.section("train", train_cfg)
   loss_kind = train["loss"]
@@ -205,7 +225,8 @@ def build_eval_step(model_cfg: ModelConfig, heads_cfg: HeadsConfig, train_cfg, m
   vs the data), top1_base_head_k / top5_base_head_k (vs the base model's own argmax for the
   same token, what acceptance measures), rank_counts_base_head_k ([EVAL_RANKS]: how often
   the base's token is head k's rank-r candidate), hard_sum_head_k, soft_sum_head_k (CE sums).
-  Sum them over batches and divide by the counts. Deterministic (no dropout).
+  Sum them over batches and divide by the counts. Deterministic (no dropout). The batch may
+  carry cached "hidden" features as in build_train_step.
   `param_shardings` may be a TrainState of shardings (its .params is used).
   """
   if isinstance(param_shardings, TrainState):
