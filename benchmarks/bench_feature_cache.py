@@ -91,6 +91,9 @@ def interleaved(modes, steps: int, block: int = 2):
 
 
 def main(argv) -> None:
+  if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
+    print(__doc__)
+    return
   from absl import flags
   from ml_collections import config_flags
   fv = flags.FlagValues()
