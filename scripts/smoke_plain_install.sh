@@ -50,6 +50,14 @@ check "demo (embedded)" "^speedup: .*x over autoregressive" -- \
 check "train.py tiny_cpu" '"heads_dir": "' -- \
   "$py" train.py --config configs/tiny_cpu.py --workdir "$scratch/tiny_run" --config.num_steps=4 \
     --config.eval_every=0 --config.log_every=2
+check "feature_cache (tiny_cpu)" "train with --config.data.feature_cache=" -- \
+  "$py" -m hydra_jax.training.feature_cache --config configs/tiny_cpu.py \
+    --out "$scratch/features" --config.data.max_records=64
+check "train.py on the feature cache" '"heads_dir": "' -- \
+  "$py" train.py --config configs/tiny_cpu.py --workdir "$scratch/tiny_cached" \
+    --config.num_steps=4 --config.eval_every=0 --config.log_every=2 \
+    --config.data.max_records=64 --config.data.feature_cache="$scratch/features"
+check "magpie --help" "target-tokens" -- "$py" -m hydra_jax.training.magpie --help
 check "bench (embedded, plot optional)" "\| Hydra" -- \
   "$py" -m hydra_jax.tools.bench --heads Hydra=hydra_jax/assets/tiny_shakespeare/heads/hydra \
     --max-prompts 2 --max-new-tokens 12 --repeats 1 --tree chain_4 --out "$scratch/bench"

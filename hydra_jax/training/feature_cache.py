@@ -416,6 +416,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   from absl import flags
   from ml_collections import config_flags
   argv = list(sys.argv if argv is None else argv)
+  if any(a.split("=")[0] in ("-h", "-?", "--help", "--helpshort", "--helpfull") for a in argv[1:]):
+    print(__doc__)
+    print("flags: --config FILE (required), --out DIR, --dtype bfloat16|float32, --shard_rows N,"
+          " --config.FIELD=VALUE")
+    return 0
   fv = flags.FlagValues()
   config_flags.DEFINE_config_file("config", None, "Training config (configs/NAME.py); override "
                                   "fields with --config.a.b=value, as for train.py.",
