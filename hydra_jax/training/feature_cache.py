@@ -385,6 +385,9 @@ class FeatureBatchIterator(BatchIterator):
     self._shards = [{name: np.load(os.path.join(path, rec["file"]), mmap_mode="r",
                                    allow_pickle=False)
                      for name, rec in entry["files"].items()} for entry in manifest["shards"]]
+    if np.any(np.diff(self.indices) <= 0):  # _batch finds rows by binary search
+      raise ValueError("FeatureBatchIterator needs the training ids in ascending order "
+                       "(build_datasets makes them so)")
     row_ids = np.concatenate([s["row_ids"] for s in self._shards])
     if not np.array_equal(row_ids, self.indices):  # the fingerprint matched: a broken build
       raise ConfigError(f"data.feature_cache={path!r} holds other rows than this run's "
