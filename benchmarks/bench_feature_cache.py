@@ -30,9 +30,9 @@ from hydra_jax.model.llama import init_params
 from hydra_jax.parallel.sharding import (LOGICAL_RULES, base_param_shardings, make_global_batch,
                                          shard_base_params)
 from hydra_jax.training import feature_cache
-from hydra_jax.training.data import build_datasets, draft_vocabulary
+from hydra_jax.training.data import draft_vocabulary
 from hydra_jax.training.optimizer import make_optimizer
-from hydra_jax.training.run_setup import check_config, heads_config_from, load_base, make_run_mesh
+from hydra_jax.training.run_setup import heads_config_from
 from hydra_jax.training.step import build_train_step, create_train_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,12 +112,7 @@ def main(argv) -> None:
   if fv["max_records"].value:
     config.data.max_records = fv["max_records"].value
 
-  base = load_base(config)
-  check_config(config, base.config)
-  mesh = make_run_mesh(config)
-  train_it, _, _ = build_datasets(config.data, base.tokenizer, int(config.seq_len),
-                                  int(config.global_batch_size), int(config.seed),
-                                  max_len=base.config.max_position_embeddings)
+  base, mesh, train_it = feature_cache.load_training_inputs(config)
   heads_cfg = heads_config_from(config, base.config)
   if int(config.heads.draft_vocab_size):
     heads_cfg = heads_cfg.replace(draft_vocab=draft_vocabulary(

@@ -95,7 +95,8 @@ def silence_aborted_reads() -> None:
 # --- integrity and base-weights records ---------------------------------------------------
 
 
-def _file_sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
+  """sha256 of a file's bytes, read in 1 MiB blocks (heads params, data and cache shards)."""
   h = hashlib.sha256()
   with open(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
@@ -109,7 +110,7 @@ def params_checksums(params_dir: str) -> Dict[str, str]:
   for root, _, files in os.walk(params_dir):
     for name in files:
       full = os.path.join(root, name)
-      out[os.path.relpath(full, params_dir).replace(os.sep, "/")] = _file_sha256(full)
+      out[os.path.relpath(full, params_dir).replace(os.sep, "/")] = file_sha256(full)
   return dict(sorted(out.items()))
 
 
@@ -119,7 +120,7 @@ def verify_params_files(params_dir: str, recorded: Dict[str, str], directory: st
     full = os.path.join(params_dir, *rel.split("/"))
     if not os.path.isfile(full):
       problem = "is missing"
-    elif _file_sha256(full) != digest:
+    elif file_sha256(full) != digest:
       problem = (f"has changed since the heads were saved ({os.path.getsize(full):,} bytes, "
                  f"sha256 differs from heads_config.json)")
     else:

@@ -60,6 +60,7 @@ import ml_dtypes
 import numpy as np
 from jax.experimental import multihost_utils
 
+from hydra_jax.checkpoint.heads_io import file_sha256
 from hydra_jax.checkpoint.hf import CheckpointError, HFModel
 from hydra_jax.model.llama import LlamaModel
 from hydra_jax.parallel.sharding import (LOGICAL_RULES, base_param_shardings, batch_sharding,
@@ -155,14 +156,6 @@ def _differences(recorded: Dict[str, Any], current: Dict[str, Any], keys) -> Lis
 # --- files ------------------------------------------------------------------------------------
 
 
-def _sha256_file(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(8 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
-
-
 def _replace_atomically(path: str, write) -> None:
   tmp = f"{path}.tmp{os.getpid()}"
   with open(tmp, "wb") as f:
@@ -197,7 +190,7 @@ def _write_shard(path: str, index: int, arrays: Dict[str, np.ndarray]) -> Dict[s
     fname = f"shard_{index:05d}.{name}.npy"
     _replace_atomically(os.path.join(path, fname),
                         lambda f, a=arrays[name]: np.save(f, a, allow_pickle=False))
-    files[name] = {"file": fname, "sha256": _sha256_file(os.path.join(path, fname))}
+    files[name] = {"file": fname, "sha256": file_sha256(os.path.join(path, fname))}
   return {"index": index, "rows": int(len(arrays["row_ids"])),
           "targets": int(arrays["loss_mask"].sum(dtype=np.int64)), "files": files}
 
@@ -206,7 +199,7 @@ def _bad_file(path: str, entry: Dict[str, Any]) -> Optional[str]:
   """The first file of a shard that is missing or does not match its sha256, else None."""
   for rec in entry["files"].values():
     fname = os.path.join(path, rec["file"])
-    if not os.path.isfile(fname) or _sha256_file(fname) != rec["sha256"]:
+    if not os.path.isfile(fname) or file_sha256(fname) != rec["sha256"]:
       return fname
   return None
 
@@ -214,16 +207,23 @@ def _bad_file(path: str, entry: Dict[str, Any]) -> Optional[str]:
 # --- building ---------------------------------------------------------------------------------
 
 
-def build_feature_cache(config, out_dir: str, *, dtype: str = "bfloat16",
-                        shard_rows: int = 0) -> Dict[str, Any]:
-  """Loads the config's base and training rows, then `write_features`; -> the manifest."""
-  maybe_initialize_distributed(config.distributed)
+def load_training_inputs(config):
+  """(base HFModel, mesh, train BatchIterator) of a training config, checked as train.py checks
+  them: what a cache is built from (and what the feature-cache benchmark trains on)."""
   base = load_base(config)
   check_config(config, base.config)
   mesh = make_run_mesh(config)
   train_it, _, _ = build_datasets(config.data, base.tokenizer, int(config.seq_len),
                                   int(config.global_batch_size), int(config.seed),
                                   max_len=base.config.max_position_embeddings)
+  return base, mesh, train_it
+
+
+def build_feature_cache(config, out_dir: str, *, dtype: str = "bfloat16",
+                        shard_rows: int = 0) -> Dict[str, Any]:
+  """Loads the config's base and training rows, then `write_features`; -> the manifest."""
+  maybe_initialize_distributed(config.distributed)
+  base, mesh, train_it = load_training_inputs(config)
   return write_features(base, train_it, mesh, out_dir, cache_identity(config, base, train_it),
                         dtype=dtype, shard_rows=shard_rows)
 

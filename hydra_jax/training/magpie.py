@@ -41,6 +41,7 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
+from hydra_jax.checkpoint.heads_io import file_sha256
 from hydra_jax.training.errors import DataError
 from hydra_jax.training.self_distill import self_distill
 
@@ -128,14 +129,6 @@ def sample_queries(model, num_queries: int, *, max_new_tokens: int = 96, tempera
 # --- the directory data set -------------------------------------------------------------------
 
 
-def _sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
-
-
 def _write_json_atomic(path: str, obj: Any) -> None:
   tmp = f"{path}.{os.getpid()}.tmp"
   with open(tmp, "w", encoding="utf-8") as f:
@@ -182,7 +175,7 @@ def read_manifest(out_dir: str) -> Optional[Dict[str, Any]]:
     fpath = os.path.join(path, entry["file"])
     if not os.path.isfile(fpath):
       problem = "is missing"
-    elif _sha256(fpath) != entry["sha256"]:
+    elif file_sha256(fpath) != entry["sha256"]:
       problem = "does not match its sha256 in the manifest (edited or truncated)"
     else:
       continue
@@ -368,7 +361,7 @@ def write_magpie(model, out_dir: str, *, target_tokens: int = 0, num_queries: in
     answered = {k for rec in records for k in _record_queries(rec)}
     entry = {"file": fname, "index": index, "seed": s_seed, "queries": len(queries),
              "conversations": stats["conversations"],
-             "answer_tokens": int(stats.get("new_tokens", 0)), "sha256": _sha256(fpath),
+             "answer_tokens": int(stats.get("new_tokens", 0)), "sha256": file_sha256(fpath),
              "bytes": os.path.getsize(fpath), "query_seconds": round(t1 - t0, 3),
              "answer_seconds": round(time.time() - t1, 3),
              "decoding": "speculative" if heads else "autoregressive",
