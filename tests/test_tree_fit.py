@@ -122,6 +122,26 @@ def test_calibrated_ranks_predict_every_speculative_step(setup, arch):
     assert out[r, :want[r] + 2].tolist() == s[t + 1:t + want[r] + 3]
 
 
+@pytest.mark.parametrize("arch", ["medusa", "hydra++"])
+def test_decoded_accept_lengths_are_the_steps_speculative_decoding_takes(setup, arch):
+  """The walk over the calibrated ranks predicts every step of a real greedy decode, in order
+  (and so its tau), where the mean over all positions (replay) does not."""
+  model = setup["model"]
+  cfg, params = setup["heads"][arch]
+  cal = tree_fit.calibrate(model, (cfg, params), PROMPTS, max_new_tokens=MAX_NEW)
+  assert cal.offsets.tolist()[-1] == cal.num_positions and len(cal.offsets) == len(PROMPTS) + 1
+  tree = compile_tree(tree_fit.fit_tree_replay(cal.ranks, 12), name="fit")
+  results = api.generate(model, PROMPTS, MAX_NEW, heads=(cfg, params), tree=tree)
+  ar = api.generate(model, PROMPTS, MAX_NEW)
+  assert [r.output_ids for r in results] == [r.output_ids for r in ar]
+  engine = [int(a) for r in results for a in r.extra["accepted_per_step"]]
+  walked = tree_fit.decoded_accept_lengths(tree, cal.ranks, cal.offsets)
+  assert walked == engine
+  assert len(set(walked)) >= 2, "the walk should see several accept lengths"
+  assert tree_fit.decoded_accept_length(tree, cal.ranks, cal.offsets) == pytest.approx(
+      sum(engine) / len(engine))
+
+
 def _all_trees(depth, topk, n):
   nodes = [p for d in range(1, depth + 1) for p in itertools.product(range(topk), repeat=d)]
   for subset in itertools.combinations(nodes, n):
@@ -203,6 +223,22 @@ def test_hardware_fit_takes_the_argmax_of_expected_tokens_per_second():
     rows = {r["name"]: r for r in fit.rows}
     assert rows["dynamic:8:3:3"]["dynamic"] and rows["dynamic:8:3:3"]["expected_tau"] == 3.5
     assert rows["dynamic:4:3:2:0.25"]["expected_speedup"] == pytest.approx(2.5 / dyn_ms)
+  # With the calibration's offsets, static trees are scored by the decoded walk (the scale of
+  # the dynamic trees' measured tau), whichever method grew them; replay tau is still tabled.
+  # Easy stretches (every depth rank 0) and hard ones (misses), 20 positions each: a step
+  # crosses an easy stretch 4 tokens at a time, so it holds fewer steps than positions.
+  ranks = np.where((np.arange(600) // 20 % 2 == 0)[:, None], 0,
+                   np.random.default_rng(2).geometric(0.3, size=(600, 3)) - 1 + 2)
+  offsets = [0, 200, 450, 600]
+  fit = tree_fit.fit_to_hardware(None, None, acc, (2, 4, 8), step_times=tables[1] | {2: 0.5},
+                                 ar_step_time=1.0, ranks=ranks, method="replay",
+                                 offsets=offsets)
+  for r in fit.rows:
+    tree = compile_tree(r["paths"])
+    assert r["expected_tau"] == pytest.approx(
+        tree_fit.decoded_accept_length(tree, ranks, offsets))
+    assert r["replay_tau"] == pytest.approx(tree_fit.replay_accept_length(tree, ranks))
+    assert r["expected_tau"] < r["replay_tau"]  # the walk skips what a long accept covers
   assert [t.name for t in tree_fit.dynamic_specs((5, 16), (1.0, 0.25), 3)] == [
       "dynamic:5:3:2", "dynamic:5:3:2:0.25", "dynamic:16:3:4", "dynamic:16:3:4:0.25"]
 
