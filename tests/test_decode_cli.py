@@ -50,9 +50,10 @@ def test_json_output_end_to_end(saved, tmp_path):
   proc = subprocess.run(
       [sys.executable, DECODE, "--model", path, "--prompts-file",
        _write_jsonl(tmp_path / "p.jsonl", prompts), "--max-new-tokens", str(max_new),
-       "--batch-size", "2", "--json"],
+       "--batch-size", "2", "--json", "--dtype", "auto"],
       capture_output=True, text=True, env=env, timeout=600, cwd=str(tmp_path))
   assert proc.returncode == 0, proc.stderr
+  assert "dtype auto: float32 (no measured dtype fit" in proc.stderr  # a CPU, no heads
   lines = proc.stdout.strip().splitlines()
   assert len(lines) == len(prompts)  # stdout holds only the JSON objects; logs go to stderr
   for obj, line in zip(prompts, lines):

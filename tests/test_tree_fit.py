@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from hydra_jax.checkpoint.heads_io import save_heads
-from hydra_jax.decoding import api, tree_fit
+from hydra_jax.decoding import api, dtype_choice, tree_fit
 from hydra_jax.decoding import speculative as spec
 from hydra_jax.decoding import tree as tree_lib
 from hydra_jax.decoding.acceptance import AcceptParams
@@ -306,6 +306,59 @@ def test_cli_writes_a_tree_that_generate_uses_with_tree_auto(setup, tmp_path):
   assert tree.dynamic == chosen["dynamic"] and (not tree.dynamic or tree.name == chosen["name"])
   sp = api.generate(model, PROMPTS, 12, heads=heads_dir, tree="auto")
   assert [r.output_ids for r in sp] == [r.output_ids for r in ar]
+
+
+def test_dtype_auto_fits_a_tree_per_dtype_and_decoding_uses_the_faster(setup, tmp_path):
+  model = setup["model"]
+  cfg, params = setup["heads"]["medusa"]
+  heads_dir = str(tmp_path / "heads")
+  save_heads(heads_dir, params, cfg, base_cfg=model.config)
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text("".join(json.dumps({"prompt_ids": p}) + "\n" for p in PROMPTS))
+  out = os.path.join(heads_dir, "tree_auto.json")
+  assert tree_fit.main(["--model", setup["model_dir"], "--heads", heads_dir, "--prompts",
+                        str(prompts), "--out", out, "--sizes", "2", "4", "--max-new-tokens",
+                        str(MAX_NEW), "--references", "--depths", "--dynamic-sizes",
+                        "--iters", "2", "--repeats", "1", "--dtype", "auto"]) == 0
+  with open(out) as f:
+    saved = json.load(f)
+  record = saved["dtype_auto"]
+  rates = {dt: saved["by_dtype"][dt]["expected_tokens_per_s"] for dt in ("float32", "bfloat16")}
+  assert record["expected_tokens_per_s"] == pytest.approx(rates)
+  assert record["choice"] == max(rates, key=rates.get) == saved["dtype"]
+  assert saved["paths"] == saved["by_dtype"][record["choice"]]["paths"]
+  for dt in ("float32", "bfloat16"):  # each dtype's own timings chose its tree
+    table = saved["by_dtype"][dt]["table"]
+    best = max(table, key=lambda r: r["expected_tokens_per_s"])
+    assert best["chosen"] and best["paths"] == saved["by_dtype"][dt]["paths"]
+  assert dtype_choice.resolve_dtype("auto", heads_dir)[0] == record["choice"]
+
+  # Make the two entries differ and bf16 the choice: auto then loads bf16 with its tree, an
+  # explicit dtype gets that dtype's tree, and no dtype gets the top level (the choice).
+  saved["by_dtype"]["float32"]["paths"] = [[0]]
+  saved["by_dtype"]["bfloat16"]["paths"] = [[0], [1], [0, 0]]
+  saved["paths"], saved["dtype_auto"]["choice"] = [[0], [1], [0, 0]], "bfloat16"
+  with open(out, "w") as f:
+    json.dump(saved, f)
+  assert dtype_choice.resolve_dtype("auto", heads_dir)[0] == "bfloat16"
+  assert tree_lib.resolve_tree("auto", heads_dir, 3, dtype="float32").paths == ((0,),)
+  assert tree_lib.resolve_tree("auto", heads_dir, 3, dtype="bfloat16").num_nodes == 4
+  assert tree_lib.resolve_tree("auto", heads_dir, 3).num_nodes == 4
+  bf16 = api.load_model(setup["model_dir"], tokenizer=False,
+                        dtype=dtype_choice.resolve_dtype("auto", heads_dir)[0])
+  api.generate(bf16, PROMPTS[:1], 4, heads=heads_dir, tree="auto")
+  used = [k[3] for k in api._ENGINES if k[1] == "bfloat16" and k[2] == cfg]
+  assert compile_tree([[0], [1], [0, 0]]).paths in [t.paths for t in used]
+  # A fit measured on another device is not trusted: the platform's default, and why.
+  saved["dtype_auto"]["device"] = "gpu:NVIDIA H200"
+  with open(out, "w") as f:
+    json.dump(saved, f)
+  dtype, why = dtype_choice.resolve_dtype("auto", heads_dir)
+  assert dtype == "float32" and "gpu:NVIDIA H200" in why
+  assert dtype_choice.resolve_dtype("auto", str(tmp_path))[0] == "float32"  # no fit at all
+  assert dtype_choice.platform_default("gpu") == dtype_choice.platform_default("tpu") == \
+      "bfloat16"
+  assert dtype_choice.resolve_dtype("bfloat16", heads_dir) == ("bfloat16", "as requested")
 
 
 SHIPPED = os.path.join(os.path.dirname(api.__file__), "..", "assets", "tiny_shakespeare", "heads")

@@ -32,6 +32,7 @@ import numpy as np
 from hydra_jax.checkpoint.heads_io import load_heads
 from hydra_jax.checkpoint.hf import HFModel, load_hf_model
 from hydra_jax.parallel import mesh as decode_mesh
+from hydra_jax.decoding import dtype_choice
 from hydra_jax.decoding.acceptance import DEFAULT_POSTERIOR_ALPHA, DEFAULT_POSTERIOR_THRESHOLD
 from hydra_jax.decoding.engine import DecodeEngine
 from hydra_jax.decoding.sampling import SamplingParams
@@ -79,6 +80,11 @@ class GenerationResult:
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+def dtype_name(model) -> str:
+  """"float32" / "bfloat16": the dtype a model was loaded in, as the command lines spell it."""
+  return str(jnp.dtype(model.dtype))
+
+
 def resolve_mesh(mesh):
   """A decode Mesh from "data=D,tensor=T", a dict or a jax Mesh (None stays None); a mesh
   decoding cannot use raises DecodeInputError."""
@@ -90,13 +96,18 @@ def resolve_mesh(mesh):
 
 def load_model(path: str, dtype: str = "float32", tokenizer: bool = True,
                mesh=None) -> HFModel:
-  """Loads a model; `dtype` is both the param and the compute dtype.
+  """Loads a model; `dtype` is both the param and the compute dtype ("auto": the platform's
+  default, see dtype_choice; with draft heads, resolve it first with
+  dtype_choice.resolve_dtype(dtype, heads_dir), which reads their measured choice).
 
   `path`: a Hugging Face model directory, a llama.cpp .gguf file, or the name of a known model
   (`python -m hydra_jax.registry.models list`; prepared in the cache on first use). With a `mesh`
   (see `generate`), each process reads only the slices of the weights its devices hold and
   the params come back sharded for decoding on that mesh.
   """
+  if str(dtype) == dtype_choice.DTYPE_AUTO:  # no heads here: the platform's default
+    dtype, why = dtype_choice.resolve_dtype(dtype)
+    dtype_choice.announce(dtype, why)
   if str(dtype) not in _DTYPES:
     raise DecodeInputError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
   dt = _DTYPES[str(dtype)]
@@ -364,7 +375,7 @@ def generate(model: Union[HFModel, str], prompts, max_new_tokens: int, *,
     heads_cfg, heads_params = load_draft_heads(model, heads, allow_heads_mismatch)
     heads_dir = None if isinstance(heads, (tuple, list)) else str(heads)
     tree_used = resolve_tree(tree, heads_dir, num_heads=heads_cfg.num_heads,
-                             max_topk=heads_cfg.draft_vocab_size)
+                             max_topk=heads_cfg.draft_vocab_size, dtype=dtype_name(model))
     accept = accept or ("greedy" if float(temperature) == 0.0 else "exact")
     if accept not in ("greedy", "typical", "exact"):
       raise DecodeInputError(f"accept must be greedy, typical or exact, got {accept!r}")

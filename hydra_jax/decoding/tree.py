@@ -280,19 +280,22 @@ FALLBACK_TREE = "mc_sim_7b_63"
 
 
 def resolve_tree(tree: Any, heads_dir: Optional[str] = None, num_heads: Optional[int] = None,
-                 max_topk: Optional[int] = None) -> CompiledTree:
+                 max_topk: Optional[int] = None, dtype: Optional[str] = None) -> CompiledTree:
   """The CompiledTree for `tree`, checked against heads of `num_heads` heads ranking
   `max_topk` tokens (their draft vocabulary).
 
-  "auto" is HEADS_DIR/tree_auto.json when the heads directory has one; otherwise (no file,
-  or heads given as arrays: heads_dir None) FALLBACK_TREE cut to the heads' depth, with a
-  warning. Any other tree deeper than the heads, or using ranks beyond max_topk, is an error.
+  "auto" is HEADS_DIR/tree_auto.json when the heads directory has one (the tree fitted for
+  `dtype` when `tree_fit --dtype auto` fitted one per dtype); otherwise (no file, or heads
+  given as arrays: heads_dir None) FALLBACK_TREE cut to the heads' depth, with a warning. Any
+  other tree deeper than the heads, or using ranks beyond max_topk, is an error.
   """
   if isinstance(tree, str) and tree == TREE_AUTO:
     path = (os.path.join(os.path.expanduser(os.fspath(heads_dir)), AUTO_TREE_FILE)
             if heads_dir is not None else None)
     if path is not None and os.path.isfile(path):
-      fitted = load_tree(path, num_heads=num_heads, max_topk=max_topk)
+      fitted = _fitted_for_dtype(path, dtype, num_heads, max_topk)
+      if fitted is None:
+        fitted = load_tree(path, num_heads=num_heads, max_topk=max_topk)
       _warn_if_fitted_elsewhere(path)
       log.info("tree auto: %s from %s", fitted.describe(), path)
       return fitted
@@ -305,6 +308,30 @@ def resolve_tree(tree: Any, heads_dir: Optional[str] = None, num_heads: Optional
                 "HEADS_DIR/%s`", where, FALLBACK_TREE, AUTO_TREE_FILE)
     return compile_tree(paths, num_heads=num_heads, max_topk=max_topk, name=FALLBACK_TREE)
   return load_tree(tree, num_heads=num_heads, max_topk=max_topk)
+
+
+def _fitted_for_dtype(path: str, dtype: Optional[str], num_heads: Optional[int],
+                      max_topk: Optional[int]):
+  """The tree fitted for `dtype` in a per-dtype tree_auto.json ("by_dtype"), else None."""
+  if dtype is None:
+    return None
+  try:
+    with open(path) as f:
+      entry = (json.load(f).get("by_dtype") or {}).get(str(dtype))
+  except (OSError, json.JSONDecodeError, AttributeError):
+    return None  # load_tree reports an unreadable file
+  if not isinstance(entry, dict):
+    return None
+  if "dynamic" in entry:
+    return load_tree(str(entry["dynamic"]), num_heads=num_heads, max_topk=max_topk)
+  if "paths" not in entry:
+    raise TreeError(f"{path}: by_dtype[{dtype!r}] holds neither 'paths' nor 'dynamic'; refit "
+                    "it with hydra_jax.decoding.tree_fit")
+  try:
+    return compile_tree(entry["paths"], num_heads, max_topk,
+                        name=str(entry.get("name", f"fit_{dtype}")))
+  except TreeError as e:
+    raise TreeError(f"{path}: by_dtype[{dtype!r}]: {e}") from None
 
 
 def _warn_if_fitted_elsewhere(path: str) -> None:

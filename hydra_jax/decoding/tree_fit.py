@@ -485,6 +485,16 @@ def fit_to_hardware(model, heads, acc: Any, sizes: Sequence[int] = DEFAULT_SIZES
   return HardwareFit(tree=trees[best], rows=rows, ar_step_ms=ar_step_time * 1e3)
 
 
+def _fit_record(fit: HardwareFit, arch: str) -> Dict[str, Any]:
+  """The chosen tree of one fit as tree_auto.json stores it (top level, or under by_dtype)."""
+  chosen = fit.chosen
+  name = f"fit_{arch}_{chosen['size']}" + ("_dynamic" if fit.tree.dynamic else "")
+  shape = ({"dynamic": fit.tree.name} if fit.tree.dynamic else {"paths": fit.tree.to_json()})
+  return {"name": name, **shape, "size": chosen["size"], "expected_tau": chosen["expected_tau"],
+          "replay_tau": chosen["replay_tau"],
+          "expected_tokens_per_s": chosen["expected_tokens_per_s"]}
+
+
 def _load_heads(model, heads) -> Tuple[HeadsConfig, Any]:
   from hydra_jax.decoding import api
   return api.load_draft_heads(model, heads)
@@ -529,17 +539,32 @@ def main(argv=None) -> int:
                  help="score temperatures tried for every dynamic size")
   p.add_argument("--iters", type=int, default=8, help="steps per timing")
   p.add_argument("--repeats", type=int, default=7, help="timings per tree (median)")
-  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  p.add_argument("--dtype", choices=("float32", "bfloat16", "auto"), default="float32",
+                 help="dtype to fit in; auto: fit a tree in each of float32 and bfloat16, "
+                      "record both and which is faster here (decode.py --dtype auto uses it)")
   args = p.parse_args(argv)
   # Our progress at INFO on stderr; other libraries' loggers keep their defaults.
   handler = logging.StreamHandler(sys.stderr)
   handler.setFormatter(logging.Formatter("%(message)s"))
-  logging.getLogger("hydra_jax").addHandler(handler)
-  logging.getLogger("hydra_jax").setLevel(logging.INFO)
-  logging.getLogger("hydra_jax").propagate = False  # a library may have set up the root logger
+  logger = logging.getLogger("hydra_jax")
+  saved = (logger.level, logger.propagate)
+  logger.addHandler(handler)
+  logger.setLevel(logging.INFO)
+  logger.propagate = False  # a library may have set up the root logger
+  try:
+    return _fit_and_write(args)
+  finally:  # called in-process (tests, notebooks): leave the logger as it was
+    logger.removeHandler(handler)
+    logger.setLevel(saved[0])
+    logger.propagate = saved[1]
 
-  from hydra_jax.decoding import api
-  model = api.load_model(args.model, dtype=args.dtype)
+
+def _fit_and_write(args: argparse.Namespace) -> int:
+  from hydra_jax.decoding import api, dtype_choice
+  # auto: fit once per dtype; calibration and the dynamic trees' tau come from the first
+  # (f32), since greedy acceptance barely moves with the dtype while the step times do.
+  dtypes = dtype_choice.DTYPES if args.dtype == dtype_choice.DTYPE_AUTO else (args.dtype,)
+  model = api.load_model(args.model, dtype=dtypes[0])
   heads_cfg, heads_params = api.load_draft_heads(model, args.heads)
   prompts = read_prompts(args.prompts)
   t0 = time.perf_counter()
@@ -562,30 +587,44 @@ def main(argv=None) -> int:
   if dyn_trees:
     print(f"# dynamic trees, measured tau ({time.perf_counter() - t0:.1f}s): "
           + ", ".join(f"{t.name} {tau:.3f}" for t, tau in zip(dyn_trees, dyn_taus)))
-  t0 = time.perf_counter()
-  fit = fit_to_hardware(model, (heads_cfg, heads_params), cal.acc, args.sizes, args.max_nodes,
-                        args.references, ranks=cal.ranks, method=args.method,
-                        depths=(range(1, heads_cfg.num_heads + 1) if args.depths is None
-                                else args.depths or None),
-                        dynamic=list(zip(dyn_trees, dyn_taus)), offsets=cal.offsets,
-                        prompt_len=int(np.median(lengths)),
-                        max_new_tokens=args.max_new_tokens, iters=args.iters,
-                        repeats=args.repeats)
-  print(f"# timing on {jax.devices()[0].device_kind}: {time.perf_counter() - t0:.1f}s")
-  print(fit.table())
-  chosen = fit.chosen
-  name = f"fit_{heads_cfg.arch}_{chosen['size']}" + ("_dynamic" if fit.tree.dynamic else "")
-  shape = ({"dynamic": fit.tree.name} if fit.tree.dynamic else {"paths": fit.tree.to_json()})
-  out = {"name": name, **shape, "size": chosen["size"],
-         "expected_tau": chosen["expected_tau"], "replay_tau": chosen["replay_tau"],
-         "method": args.method, "heads_arch": heads_cfg.arch,
-         "base_fingerprint": model.config.fingerprint(),
-         "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
+  fits: Dict[str, HardwareFit] = {}
+  for dt in dtypes:
+    if dt != dtypes[0]:
+      model = api.load_model(args.model, dtype=dt)
+      heads_cfg, heads_params = api.load_draft_heads(model, args.heads)
+    t0 = time.perf_counter()
+    fits[dt] = fit_to_hardware(model, (heads_cfg, heads_params), cal.acc, args.sizes,
+                               args.max_nodes, args.references, ranks=cal.ranks,
+                               method=args.method,
+                               depths=(range(1, heads_cfg.num_heads + 1) if args.depths is None
+                                       else args.depths or None),
+                               dynamic=list(zip(dyn_trees, dyn_taus)), offsets=cal.offsets,
+                               prompt_len=int(np.median(lengths)),
+                               max_new_tokens=args.max_new_tokens, iters=args.iters,
+                               repeats=args.repeats)
+    print(f"# {dt}: timing on {jax.devices()[0].device_kind}: {time.perf_counter() - t0:.1f}s")
+    print(fits[dt].table())
+  rate = {dt: f.chosen["expected_tokens_per_s"] for dt, f in fits.items()}
+  best = max(dtypes, key=lambda dt: rate[dt])
+  device = f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}"
+  by_dtype = {dt: _fit_record(f, heads_cfg.arch) for dt, f in fits.items()}
+  fit = fits[best]
+  out = {**by_dtype[best], "dtype": best, "method": args.method, "heads_arch": heads_cfg.arch,
+         "base_fingerprint": model.config.fingerprint(), "device": device,
          "ar_step_ms": fit.ar_step_ms, "table": fit.rows, "acc": cal.acc.tolist(),
          "calibration": {"prompts": os.path.basename(args.prompts),
                          "num_prompts": cal.num_prompts, "positions": cal.num_positions,
                          "max_new_tokens": args.max_new_tokens, "max_topk": args.max_topk,
-                         "eligible": cal.eligible.tolist()}}
+                         "eligible": cal.eligible.tolist(), "dtype": dtypes[0]},
+         "by_dtype": {dt: {**rec, "ar_step_ms": fits[dt].ar_step_ms, "table": fits[dt].rows}
+                      for dt, rec in by_dtype.items()}}
+  if len(dtypes) > 1:
+    out["dtype_auto"] = {"choice": best, "device": dtype_choice.this_device(),
+                         "expected_tokens_per_s": rate,
+                         "ar_tokens_per_s": {dt: 1e3 / f.ar_step_ms for dt, f in fits.items()}}
+    print("# dtype auto: " + ", ".join(
+        f"{dt} {rate[dt]:.1f} expected tokens/s ({fits[dt].tree.name}; AR "
+        f"{1e3 / fits[dt].ar_step_ms:.1f})" for dt in dtypes) + f" -> {best}")
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(out, f, indent=1)

@@ -404,8 +404,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--cache-len", type=int, default=None,
                  help="KV cache slots (default: longest prompt + max new tokens + tree, bucketed)")
   p.add_argument("--repeats", type=int, default=3, help="timed passes; times are medians")
-  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                 help="param and compute dtype of the base model and the heads")
+  p.add_argument("--dtype", choices=("float32", "bfloat16", "auto"), default="float32",
+                 help="param and compute dtype of the base model and the heads (auto: the one "
+                      "tree_fit measured faster for the first heads on this device, else the "
+                      "platform's default; see hydra_jax.decoding.dtype_choice)")
   p.add_argument("--out", default="bench_out", help="directory for results.{md,json,png}")
   return p.parse_args(argv)
 
@@ -418,7 +420,8 @@ def _device() -> str:
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
   from hydra_jax.registry import embedded
-  from hydra_jax.decoding.api import load_draft_heads, load_model, plan_shapes
+  from hydra_jax.decoding import dtype_choice
+  from hydra_jax.decoding.api import dtype_name, load_draft_heads, load_model, plan_shapes
   from hydra_jax.decoding.tree import resolve_tree
 
   heads_specs = (parse_heads(args.heads) if args.heads
@@ -432,12 +435,16 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
   if args.max_prompts:
     entries = entries[:args.max_prompts]
 
+  if args.dtype == dtype_choice.DTYPE_AUTO:  # every method runs in the one dtype chosen
+    args.dtype, why = dtype_choice.resolve_dtype(args.dtype, heads_specs[0][1])
+    dtype_choice.announce(args.dtype, why)
   model = load_model(args.model, dtype=args.dtype)
   methods = [Method("autoregressive")]
   for name, path in heads_specs:
     heads = load_draft_heads(model, path)  # once: generate then reuses the arrays
     for spec in args.tree:
-      tree = resolve_tree(spec, path, heads[0].num_heads, heads[0].draft_vocab_size)
+      tree = resolve_tree(spec, path, heads[0].num_heads, heads[0].draft_vocab_size,
+                          dtype=dtype_name(model))
       label = name if len(args.tree) == 1 else f"{name} / {tree.name}"
       methods.append(Method(label, name, heads, tree, heads[0].arch, path))
 

@@ -228,7 +228,7 @@ def run_demo(model, heads, prompt: str = DEFAULT_PROMPT, max_new_tokens: int = 1
   """
   import time
 
-  from hydra_jax.decoding.api import generate, load_draft_heads, load_model
+  from hydra_jax.decoding.api import dtype_name, generate, load_draft_heads, load_model
   from hydra_jax.decoding.tree import resolve_tree
 
   if isinstance(model, str):
@@ -239,7 +239,8 @@ def run_demo(model, heads, prompt: str = DEFAULT_PROMPT, max_new_tokens: int = 1
     raise DemoError(f"repeats must be >= 1, got {repeats}")
   heads_cfg, heads_params = load_draft_heads(model, heads)
   compiled = resolve_tree(tree, None if isinstance(heads, (tuple, list)) else heads,
-                          heads_cfg.num_heads, heads_cfg.draft_vocab_size)
+                          heads_cfg.num_heads, heads_cfg.draft_vocab_size,
+                          dtype=dtype_name(model))
   say = log or (lambda msg: None)
   kw = dict(max_new_tokens=int(max_new_tokens), chat=chat)
   spec_kw = dict(kw, heads=(heads_cfg, heads_params), tree=compiled, mode="spec")

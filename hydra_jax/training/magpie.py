@@ -272,7 +272,7 @@ def _load_heads(model, heads: str, tree):
   from hydra_jax.decoding.tree import resolve_tree
   heads_cfg, heads_params = api.load_draft_heads(model, heads, False)
   tree_used = resolve_tree(tree, heads, num_heads=heads_cfg.num_heads,
-                           max_topk=heads_cfg.draft_vocab_size)
+                           max_topk=heads_cfg.draft_vocab_size, dtype=api.dtype_name(model))
   return (heads_cfg, heads_params), tree_used
 
 
