@@ -129,6 +129,25 @@ def test_questions_are_deduplicated_across_runs_and_shards(model, tmp_path, monk
   assert len(manifest["shards"]) == 4
 
 
+def test_later_query_rounds_sample_only_what_is_missing(model, monkeypatch):
+  """Round 1 samples batch_size * 8 rows; round 2 only the missing queries over round 1's
+  yield, with a 1.25 margin, in whole batches."""
+  asked = []
+
+  def half_new(model_, prefix, rows, *, seed, **kw):
+    asked.append(rows)
+    return [f"Question {seed} {i}?" for i in range(rows // 2)]  # yield 0.5, all distinct
+
+  monkeypatch.setattr(magpie, "_query_candidates", half_new)
+  queries = magpie.sample_queries(model[1], 20, batch_size=4, seed=0)
+  # round 1: 32 rows -> 16 queries; 4 missing / 0.5 * 1.25 = 10 rows -> 12 (whole batches)
+  assert asked == [32, 12] and len(queries) == 20
+  asked.clear()
+  queries = magpie.sample_queries(model[1], 40, batch_size=4, seed=0)
+  # 24 missing / 0.5 * 1.25 = 60 rows: capped at a full round (32), then 8 missing -> 20 -> 20
+  assert asked == [32, 32, 20] and len(queries) == 40
+
+
 def test_interrupted_runs_resume_to_the_one_shot_shards(model, one_shot, tmp_path, monkeypatch):
   out = str(tmp_path / "data")
   real_distill, real_write = magpie.self_distill, magpie._write_json_atomic

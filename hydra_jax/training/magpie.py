@@ -105,14 +105,19 @@ def sample_queries(model, num_queries: int, *, max_new_tokens: int = 96, tempera
   (normalized: `normalize_query`) in `seen` or repeated.
 
   A sample counts when it ended with an end-of-turn token (not cut off by max_new_tokens),
-  is at least `min_chars` long and new. Rounds of `batch_size * 8` rows run until enough or
-  `max_rounds`; fewer come back only when the model stopped writing new questions.
+  is at least `min_chars` long and new. Rounds run until enough or `max_rounds`; fewer come
+  back only when the model stopped writing new questions. The first round samples
+  `batch_size * 8` rows; a later one only what the last round's yield says is still missing
+  (with a margin, whole batches): sampling is a third of a shard's time, and a full round for
+  the last few dozen queries wasted half of it.
   """
   prefix = pre_query_ids(model.tokenizer)
   seen = set(seen or ())
   queries: List[str] = []
-  rows = batch_size * 8
+  full = batch_size * 8
+  rows = full
   for r in range(max_rounds):
+    before = len(queries)
     for text in _query_candidates(model, prefix, rows, max_new_tokens=max_new_tokens,
                                   temperature=temperature, top_p=top_p, seed=seed + 1000003 * r,
                                   batch_size=batch_size, min_chars=min_chars):
@@ -123,6 +128,9 @@ def sample_queries(model, num_queries: int, *, max_new_tokens: int = 96, tempera
     log.info("magpie: round %d, %d new distinct queries", r + 1, len(queries))
     if len(queries) >= num_queries:
       break
+    yield_rate = (len(queries) - before) / rows
+    wanted = 1.25 * (num_queries - len(queries)) / max(yield_rate, 1e-3)
+    rows = min(full, max(batch_size, -(-int(wanted) // batch_size) * batch_size))
   return queries[:num_queries]
 
 
