@@ -325,7 +325,9 @@ def test_dtype_auto_fits_a_tree_per_dtype_and_decoding_uses_the_faster(setup, tm
   record = saved["dtype_auto"]
   rates = {dt: saved["by_dtype"][dt]["expected_tokens_per_s"] for dt in ("float32", "bfloat16")}
   assert record["expected_tokens_per_s"] == pytest.approx(rates)
-  assert record["choice"] == max(rates, key=rates.get) == saved["dtype"]
+  decoded = record["decoded_tokens_per_s"]  # chosen on the decode loop, not the step timer
+  assert set(decoded) == set(record["decoded_ar_tokens_per_s"]) == {"float32", "bfloat16"}
+  assert record["choice"] == max(decoded, key=decoded.get) == saved["dtype"]
   assert saved["paths"] == saved["by_dtype"][record["choice"]]["paths"]
   for dt in ("float32", "bfloat16"):  # each dtype's own timings chose its tree
     table = saved["by_dtype"][dt]["table"]
@@ -381,3 +383,10 @@ def test_shipped_heads_have_a_fitted_tree(kind):
     assert chosen[0]["paths"] == saved["paths"]
   assert chosen[0]["expected_tokens_per_s"] == max(
       r["expected_tokens_per_s"] for r in saved["table"] if not r["reference"])
+  for dt, entry in saved.get("by_dtype", {}).items():  # one fit per dtype (--dtype auto)
+    tree = tree_lib.resolve_tree("auto", heads_dir, num_heads=4, dtype=dt)
+    assert (tree.name == entry["dynamic"] if "dynamic" in entry
+            else [list(p) for p in tree.paths] == entry["paths"])
+  if "dtype_auto" in saved:
+    rates = saved["dtype_auto"]["decoded_tokens_per_s"]
+    assert saved["dtype_auto"]["choice"] == saved["dtype"] == max(rates, key=rates.get)

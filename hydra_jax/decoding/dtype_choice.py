@@ -4,11 +4,12 @@ Which dtype is faster depends on the machine, not on the model alone. On the AMD
 project runs on, bf16 matmuls are slow (autoregressive 0.48x of f32); on a Xeon with AMX, bf16
 costs the same for 2 to 32 rows, which makes a tree verify nearly free but a one-token step
 slow; accelerators are memory-bound and read half the bytes in bf16. So the choice is measured,
-by `tree_fit --dtype auto`, which fits a tree per dtype on this device and records both in
+by `tree_fit --dtype auto`, which fits a tree per dtype on this device, decodes the
+calibration prompts with each (and autoregressively) and records the faster in
 HEADS_DIR/tree_auto.json:
 
     "dtype_auto": {"choice": "float32", "device": "cpu:cpu:AMD EPYC",
-                   "expected_tokens_per_s": {"float32": 101.2, "bfloat16": 88.0}, ...}
+                   "decoded_tokens_per_s": {"float32": 422.0, "bfloat16": 270.0}, ...}
     "by_dtype": {"float32": {tree fitted in f32}, "bfloat16": {tree fitted in bf16}}
 
 `resolve_dtype("auto", heads_dir)` returns that choice when it was measured on this kind of
@@ -92,10 +93,10 @@ def resolve_dtype(dtype: str, heads_dir: Optional[str] = None) -> Tuple[str, str
   record = read_dtype_fit(heads_dir)
   here = this_device()
   if record is not None and record.get("device") == here:
-    rates = record.get("expected_tokens_per_s") or {}
+    rates = record.get("decoded_tokens_per_s") or {}
     shown = ", ".join(f"{k} {float(v):.1f}" for k, v in sorted(rates.items()))
-    return record["choice"], (f"measured faster on {here} by tree_fit ({shown} expected "
-                              f"tokens/s; {os.path.join(heads_dir, AUTO_TREE_FILE)})")
+    return record["choice"], (f"measured faster on {here} by tree_fit ({shown} tokens/s; "
+                              f"{os.path.join(heads_dir, AUTO_TREE_FILE)})")
   choice = platform_default(here.split(":")[0])
   if record is not None:
     why = (f"the dtype fit in {os.path.join(heads_dir, AUTO_TREE_FILE)} was measured on "
