@@ -82,7 +82,7 @@ def _parse(argv=None) -> argparse.Namespace:
 # --- measuring (in a child process, whose XLA flags are fixed at start) ----------------------
 
 
-def _trees(specs, heads_cfg, heads_dir):
+def _trees(specs, heads_cfg, heads_dir, dtype=None):
   from hydra_jax.decoding.tree import compile_tree, grow_tree, preset_accuracies, resolve_tree
   out = []
   for spec in specs:
@@ -92,7 +92,8 @@ def _trees(specs, heads_cfg, heads_dir):
       acc = preset_accuracies()[:depth]
       out.append(compile_tree(grow_tree(acc, n - 1), name=f"grown_{n}"))
     else:
-      out.append(resolve_tree(spec, heads_dir, heads_cfg.num_heads, heads_cfg.draft_vocab_size))
+      out.append(resolve_tree(spec, heads_dir, heads_cfg.num_heads, heads_cfg.draft_vocab_size,
+                              dtype=dtype))
   return out
 
 
@@ -225,7 +226,7 @@ def _candidates(args, name: str, dtype: str):
   cands = [(model, dtype, "autoregressive", "-", 1, "forward", timer(ar, None, _ar_forward_only(ar))),
            (model, dtype, "autoregressive", "-", 1, "step", timer(ar, None))]
   for kind, ((hcfg, hparams), hdir) in heads.items():
-    for tree in _trees(args.trees, hcfg, hdir):
+    for tree in _trees(args.trees, hcfg, hdir, dtype):
       engine = DecodeEngine(model.config, model.dtype, hcfg, tree)
       for phase in ("step",) if args.no_breakdown else PHASES:
         if phase == "prefix" and not hcfg.prefix_layer:

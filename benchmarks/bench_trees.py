@@ -28,7 +28,9 @@ import numpy as np
 from hydra_jax.checkpoint.heads_io import read_heads_meta
 from hydra_jax.decoding import api
 from hydra_jax.decoding.tree import compile_tree, expected_accept_length, load_tree
-from hydra_jax.decoding.tree_fit import AUTO_TREE_FILE, fit_tree, read_prompts
+from hydra_jax.decoding.tree import AUTO_TREE_FILE
+from hydra_jax.decoding.tree_calibration import read_prompts
+from hydra_jax.decoding.tree_fit import fit_tree
 
 
 def _run(model, prompts, max_new, **kw):

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from hydra_jax.checkpoint.heads_io import save_heads
-from hydra_jax.decoding import api, dtype_choice, tree_fit
+from hydra_jax.decoding import api, dtype_choice, tree_calibration, tree_fit
 from hydra_jax.decoding import speculative as spec
 from hydra_jax.decoding import tree as tree_lib
 from hydra_jax.decoding.acceptance import AcceptParams
@@ -67,7 +67,7 @@ def _accept_from_ranks(tree, ranks_K):
 def test_calibrated_ranks_predict_every_speculative_step(setup, arch):
   model = setup["model"]
   cfg, params = setup["heads"][arch]
-  cal = tree_fit.calibrate(model, (cfg, params), PROMPTS, max_new_tokens=MAX_NEW)
+  cal = tree_calibration.calibrate(model, (cfg, params), PROMPTS, max_new_tokens=MAX_NEW)
   ar = api.generate(model, PROMPTS, MAX_NEW)
   seqs = [p + r.output_ids for p, r in zip(PROMPTS, ar)]
   assert cal.num_positions == sum(len(s) - len(p) - 1 for s, p in zip(seqs, PROMPTS))
@@ -116,7 +116,7 @@ def test_calibrated_ranks_predict_every_speculative_step(setup, arch):
   np.testing.assert_array_equal(got, want)
   assert len(set(want.tolist())) >= 2, "the replay should see several accept lengths"
   # The replay estimate is the engine's mean accept length over these steps, exactly.
-  assert tree_fit.replay_accept_length(tree, np.stack(rows)) == pytest.approx(1 + got.mean())
+  assert tree_calibration.replay_accept_length(tree, np.stack(rows)) == pytest.approx(1 + got.mean())
   out = np.asarray(state.tokens)
   for r, (s, t) in enumerate(starts):  # and the emitted tokens are the greedy ones
     assert out[r, :want[r] + 2].tolist() == s[t + 1:t + want[r] + 3]
@@ -128,17 +128,17 @@ def test_decoded_accept_lengths_are_the_steps_speculative_decoding_takes(setup, 
   (and so its tau), where the mean over all positions (replay) does not."""
   model = setup["model"]
   cfg, params = setup["heads"][arch]
-  cal = tree_fit.calibrate(model, (cfg, params), PROMPTS, max_new_tokens=MAX_NEW)
+  cal = tree_calibration.calibrate(model, (cfg, params), PROMPTS, max_new_tokens=MAX_NEW)
   assert cal.offsets.tolist()[-1] == cal.num_positions and len(cal.offsets) == len(PROMPTS) + 1
   tree = compile_tree(tree_fit.fit_tree_replay(cal.ranks, 12), name="fit")
   results = api.generate(model, PROMPTS, MAX_NEW, heads=(cfg, params), tree=tree)
   ar = api.generate(model, PROMPTS, MAX_NEW)
   assert [r.output_ids for r in results] == [r.output_ids for r in ar]
   engine = [int(a) for r in results for a in r.extra["accepted_per_step"]]
-  walked = tree_fit.decoded_accept_lengths(tree, cal.ranks, cal.offsets)
+  walked = tree_calibration.decoded_accept_lengths(tree, cal.ranks, cal.offsets)
   assert walked == engine
   assert len(set(walked)) >= 2, "the walk should see several accept lengths"
-  assert tree_fit.decoded_accept_length(tree, cal.ranks, cal.offsets) == pytest.approx(
+  assert tree_calibration.decoded_accept_length(tree, cal.ranks, cal.offsets) == pytest.approx(
       sum(engine) / len(engine))
 
 
@@ -168,14 +168,14 @@ def test_fit_tree_replay_maximises_replay_accept_length_by_brute_force():
   for n in range(1, 7):
     fitted = tree_fit.fit_tree_replay(ranks, n, max_topk=3)
     assert len(fitted) == n
-    best = max(tree_fit.replay_accept_length(t, ranks) for t in _all_trees(2, 3, n))
-    assert tree_fit.replay_accept_length(fitted, ranks) == pytest.approx(best, abs=1e-12)
+    best = max(tree_calibration.replay_accept_length(t, ranks) for t in _all_trees(2, 3, n))
+    assert tree_calibration.replay_accept_length(fitted, ranks) == pytest.approx(best, abs=1e-12)
   # More nodes than distinct prefixes: still a valid tree of the requested size.
   assert len(compile_tree(tree_fit.fit_tree_replay(ranks[:3], 7, max_topk=3)).paths) == 7
 
 
 def test_hardware_fit_takes_the_argmax_of_expected_tokens_per_second():
-  acc = tree_fit.accuracy_from_ranks(
+  acc = tree_calibration.accuracy_from_ranks(
       np.random.default_rng(1).geometric(0.5, size=(4000, 3)) - 1, 10)[0]
   sizes = (4, 8, 16, 32, 64)
   direct = {s: expected_accept_length(compile_tree(tree_fit.fit_tree(acc, s - 1)), acc)
@@ -236,8 +236,8 @@ def test_hardware_fit_takes_the_argmax_of_expected_tokens_per_second():
   for r in fit.rows:
     tree = compile_tree(r["paths"])
     assert r["expected_tau"] == pytest.approx(
-        tree_fit.decoded_accept_length(tree, ranks, offsets))
-    assert r["replay_tau"] == pytest.approx(tree_fit.replay_accept_length(tree, ranks))
+        tree_calibration.decoded_accept_length(tree, ranks, offsets))
+    assert r["replay_tau"] == pytest.approx(tree_calibration.replay_accept_length(tree, ranks))
     assert r["expected_tau"] < r["replay_tau"]  # the walk skips what a long accept covers
   assert [t.name for t in tree_fit.dynamic_specs((5, 16), (1.0, 0.25), 3)] == [
       "dynamic:5:3:2", "dynamic:5:3:2:0.25", "dynamic:16:3:4", "dynamic:16:3:4:0.25"]
@@ -277,7 +277,7 @@ def test_cli_writes_a_tree_that_generate_uses_with_tree_auto(setup, tmp_path):
   with open(out) as f:
     saved = json.load(f)
   acc = np.asarray(saved["acc"])
-  cal = tree_fit.calibrate(model, (cfg, params), PROMPTS, max_new_tokens=MAX_NEW)
+  cal = tree_calibration.calibrate(model, (cfg, params), PROMPTS, max_new_tokens=MAX_NEW)
   np.testing.assert_allclose(acc, cal.acc)
   assert [r["size"] for r in saved["table"]] == [4, 8]
   best = max(saved["table"], key=lambda r: r["expected_tokens_per_s"])
