@@ -36,6 +36,8 @@ import math
 import sys
 from typing import Callable, List, Union
 
+from hydra_jax.decoding.dtype_choice import DTYPE_CHOICES  # light: parsing stays instant
+
 
 class UsageError(ValueError):
   pass
@@ -81,7 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--stop-ids", type=_TOKEN_ID, nargs="*", default=None,
                  help="extra stop token ids (the model's EOS ids always stop)")
   p.add_argument("--json", action="store_true", help="one JSON object per prompt on stdout")
-  p.add_argument("--dtype", choices=("float32", "bfloat16", "auto"), default="float32",
+  p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32",
                  help="param and compute dtype (auto: the one tree_fit --dtype auto measured "
                       "faster for these heads on this device, else float32 on a CPU and "
                       "bfloat16 on an accelerator; bf16 greedy output can part from f32's)")
@@ -123,36 +125,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def read_prompts_file(path: str) -> List[Union[str, List[int]]]:
+  from hydra_jax.decoding.prompt_files import PromptFileError, read_single_turn_prompts
   try:
-    with open(path, "rb") as f:
-      raw_lines = f.read().split(b"\n")
-  except OSError as e:
-    raise UsageError(f"cannot read --prompts-file {path}: {e.strerror}")
-  prompts = []
-  for n, raw in enumerate(raw_lines, 1):
-    try:
-      line = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-      raise UsageError(f"{path}:{n}: not UTF-8 (byte {e.start} of the line); save the file as "
-                       f"UTF-8")
-    if not line.strip():
-      continue
-    try:
-      obj = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise UsageError(f"{path}:{n}: not valid JSON ({e.msg})")
-    if isinstance(obj, dict) and isinstance(obj.get("prompt_ids"), list):
-      if not all(isinstance(x, int) and not isinstance(x, bool) for x in obj["prompt_ids"]):
-        raise UsageError(f"{path}:{n}: \"prompt_ids\" must be a list of integer token ids")
-      prompts.append(obj["prompt_ids"])
-    elif isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
-      prompts.append(obj["prompt"])
-    else:
-      raise UsageError(f"{path}:{n}: expected an object with \"prompt\" (text) or "
-                       f"\"prompt_ids\" (list of token ids)")
-  if not prompts:
-    raise UsageError(f"{path} holds no prompts")
-  return prompts
+    return read_single_turn_prompts(path, "--prompts-file", "decode.py")
+  except PromptFileError as e:
+    raise UsageError(str(e)) from None
 
 
 def main(argv=None) -> int:

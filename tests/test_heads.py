@@ -12,6 +12,7 @@ from hydra_jax.model.heads import (DraftHeads, HeadsConfig, HeadsMismatchError, 
                                    count_params, init_heads, param_shapes, shared_lm_kernel)
 from hydra_jax.model.kv_cache import init_cache
 from hydra_jax.model.masks import cache_causal_mask
+from hydra_jax.tools.testing import perturb_params
 
 BASE = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_layers=2,
                    num_heads=4, num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5)
@@ -30,21 +31,14 @@ def _base_init(cfg, seed):
 _HEADS_CACHE = {}
 
 
-def _perturb(params, seed, scale=0.2):
-  """Every leaf random and non-zero, so no zero-initialised weight hides a wrong formula."""
-  leaves, treedef = jax.tree_util.tree_flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  new = [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
-  return jax.tree_util.tree_unflatten(treedef, new)
-
-
 def _heads(base_params, arch, shared=True, dropout=0.0, seed=1, lm_head="own", draft_vocab=()):
   """Random non-zero heads, built once per configuration (init compiles are the slow part)."""
   key = (arch, shared, dropout, seed, lm_head, draft_vocab)
   if key not in _HEADS_CACHE:
     cfg = HeadsConfig.for_base(BASE, arch, num_heads=K, num_layers=L, shared_inner=shared,
                                dropout=dropout, lm_head=lm_head, draft_vocab=draft_vocab)
-    params = _perturb(init_heads(cfg, BASE, base_params, jax.random.PRNGKey(seed)), seed + 100)
+    params = perturb_params(init_heads(cfg, BASE, base_params, jax.random.PRNGKey(seed)), seed + 100,
+                            0.2)
     _HEADS_CACHE[key] = (cfg, DraftHeads(cfg, BASE), params)
   return _HEADS_CACHE[key]
 

@@ -129,9 +129,10 @@ def test_questions_are_deduplicated_across_runs_and_shards(model, tmp_path, monk
   assert len(manifest["shards"]) == 4
 
 
-def test_later_query_rounds_sample_only_what_is_missing(model, monkeypatch):
-  """Round 1 samples batch_size * 8 rows; round 2 only the missing queries over round 1's
-  yield, with a 1.25 margin, in whole batches."""
+def test_later_query_rounds_sample_only_what_is_missing(model, monkeypatch, tmp_path):
+  """Round 1 samples batch_size * 8 rows (or what the last shard's yield says is needed);
+  round 2 only the missing queries over round 1's yield, with a 1.25 margin, in whole
+  batches."""
   asked = []
 
   def half_new(model_, prefix, rows, *, seed, **kw):
@@ -146,6 +147,18 @@ def test_later_query_rounds_sample_only_what_is_missing(model, monkeypatch):
   queries = magpie.sample_queries(model[1], 40, batch_size=4, seed=0)
   # 24 missing / 0.5 * 1.25 = 60 rows: capped at a full round (32), then 8 missing -> 20 -> 20
   assert asked == [32, 32, 20] and len(queries) == 40
+  asked.clear()
+  counts = {}
+  queries = magpie.sample_queries(model[1], 8, batch_size=4, seed=0, expected_yield=0.5,
+                                  counts=counts)
+  # a known yield sizes round 1: 8 / 0.5 * 1.25 = 20 rows -> 10 found, 8 kept
+  assert asked == [20] and len(queries) == 8 and counts == {"rows": 20, "found": 10}
+  # A data set records each shard's yield; the next shard's first round is sized by it.
+  asked.clear()
+  manifest = magpie.write_magpie(model[1], str(tmp_path / "data"), num_queries=6,
+                                 **dict(RUN, shard_queries=3))
+  assert [s["query_yield"] for s in manifest["shards"]] == [0.5, 0.5]
+  assert asked == [32, 8]  # shard 0: a full round; shard 1: 3 / 0.5 * 1.25 = 7.5 -> 8 rows
 
 
 def test_interrupted_runs_resume_to_the_one_shot_shards(model, one_shot, tmp_path, monkeypatch):

@@ -23,7 +23,7 @@ from hydra_jax.decoding import api
 from hydra_jax.decoding.api import DecodeInputError, generate, load_model
 from hydra_jax.parallel.mesh import MeshError, make_decode_mesh
 from hydra_jax.model.heads import HeadsConfig, init_heads
-from hydra_jax.tools.testing import make_hf_model
+from hydra_jax.tools.testing import make_hf_model, perturb_params
 
 MESHES = ("data=2,tensor=2", "data=1,tensor=8", "data=2,tensor=4", "data=8,tensor=1")
 MODES = ("ar", "medusa", "hydra", "hydra++")
@@ -62,10 +62,7 @@ def _heads(hm, kinds, arch):
   if arch not in kinds:
     cfg = HeadsConfig.for_base(hm.config, arch, num_heads=4, num_layers=2)
     params = init_heads(cfg, hm.config, hm.params, jax.random.PRNGKey(1))
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
-    kinds[arch] = (cfg, jax.tree_util.tree_unflatten(
-        treedef, [x + 0.05 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]))
+    kinds[arch] = (cfg, perturb_params(params, 2, 0.05))
   return kinds[arch]
 
 

@@ -16,16 +16,9 @@ import pytest
 from hydra_jax.checkpoint.heads_io import save_heads
 from hydra_jax.decoding import api
 from hydra_jax.model.heads import HeadsConfig, init_heads
-from hydra_jax.tools.testing import make_hf_model
+from hydra_jax.tools.testing import make_hf_model, perturb_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _randomize(params, seed, scale=0.05):
-  leaves, treedef = jax.tree_util.tree_flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  return jax.tree_util.tree_unflatten(
-      treedef, [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +29,7 @@ def setup(tmp_path_factory):
                 weight_std=0.15)
   model = api.load_model(model_dir)
   cfg = HeadsConfig.for_base(model.config, "hydra++", num_heads=4, num_layers=2)
-  params = _randomize(init_heads(cfg, model.config, model.params, jax.random.PRNGKey(0)), 1)
+  params = perturb_params(init_heads(cfg, model.config, model.params, jax.random.PRNGKey(0)), 1, 0.05)
   heads_dir = str(root / "heads")
   save_heads(heads_dir, params, cfg, base_cfg=model.config)
   other_dir = str(root / "other_model")

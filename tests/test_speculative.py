@@ -22,16 +22,8 @@ from hydra_jax.decoding.state import STOP, StopCriteria
 from hydra_jax.decoding.tree import compile_tree, load_tree
 from hydra_jax.model.heads import HeadsConfig, init_heads, DraftHeads
 from hydra_jax.model.llama import LlamaModel
-from hydra_jax.tools.testing import make_hf_model
+from hydra_jax.tools.testing import make_hf_model, perturb_params
 
-
-
-def _randomize(params, seed, scale=0.05):
-  """Heads are zero-initialised in places; perturb every leaf so they compute something."""
-  leaves, treedef = jax.tree_util.tree_flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  leaves = [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
-  return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 @pytest.fixture(scope="module")
@@ -102,21 +94,26 @@ def _heads(hm, arch, seed=1, **kw):
   layers = 2 if arch != "hydra++" else 2
   cfg = HeadsConfig.for_base(hm.config, arch, num_heads=4, num_layers=layers, **kw)
   params = init_heads(cfg, hm.config, hm.params, jax.random.PRNGKey(seed))
-  return cfg, _randomize(params, seed)
+  return cfg, perturb_params(params, seed, 0.05)
 
 
 DRAFT_VOCAB = tuple(range(0, 256, 3))  # 86 of the 256 tokens: most greedy tokens fall outside
 
 
+_SLOW = pytest.mark.slow  # cases another default case covers (same kind, model or option)
+
+
 @pytest.mark.parametrize("model_type,arch,tree_name,batch,lm", [
-    ("llama", "medusa", "mc_sim_7b_63", 3, {}), ("llama", "hydra", "mc_sim_7b_63", 3, {}),
-    ("llama", "hydra++", "mc_sim_7b_63", 3, {}), ("llama", "hydra", "chain_4", 1, {}),
-    ("qwen2", "medusa", "greedy_15", 1, {}), ("qwen2", "hydra", "mc_sim_7b_63", 3, {}),
-    ("qwen2", "hydra++", "greedy_31", 3, {}),
+    ("llama", "medusa", "mc_sim_7b_63", 3, {}),
+    pytest.param("llama", "hydra", "mc_sim_7b_63", 3, {}, marks=_SLOW),
+    pytest.param("llama", "hydra++", "mc_sim_7b_63", 3, {}, marks=_SLOW),
+    ("llama", "hydra", "chain_4", 1, {}),
+    pytest.param("qwen2", "medusa", "greedy_15", 1, {}, marks=_SLOW),
+    ("qwen2", "hydra", "mc_sim_7b_63", 3, {}), ("qwen2", "hydra++", "greedy_31", 3, {}),
     # Drafting options: lossless whatever the heads propose (verification is full-vocabulary).
     ("llama", "hydra++", "greedy_15", 3, dict(lm_head="base", draft_vocab=DRAFT_VOCAB)),
     ("qwen2", "medusa", "greedy_7", 3, dict(lm_head="own", draft_vocab=DRAFT_VOCAB)),
-    ("llama", "hydra", "greedy_7", 3, dict(lm_head="base")),
+    pytest.param("llama", "hydra", "greedy_7", 3, dict(lm_head="base"), marks=_SLOW),
     # Dynamic trees: the topology chosen per step and per row from the heads' scores.
     ("llama", "medusa", "dynamic:8", 3, {}), ("llama", "hydra++", "dynamic:16", 3, {}),
     ("qwen2", "hydra", "dynamic:6:3:2", 3, dict(lm_head="base", draft_vocab=DRAFT_VOCAB))])
@@ -201,19 +198,21 @@ def test_next_logits_equal_full_forward_after_non_first_path(base):
   last_leaf = _leaf(tree, -1)
   models, state, accept_params, stop = _first_state(hm, cfg, params, tree, PROMPTS)
   drafter = _oracle_factory(np.asarray(refs), last_leaf)(models, hm.params, params)
-  state = spec.spec_step(models, hm.params, params, drafter, state, accept_params, stop)
+  # Jitted, here and below: run eagerly, each op compiles on its own (seconds on 2 cores).
+  state = jax.jit(lambda s: spec.spec_step(models, hm.params, params, drafter, s, accept_params,
+                                           stop))(state)
   assert (np.asarray(state.spec.accepted_BxS)[:, 0] == tree.depth + 1).all()
   # One more plain decode step on the compacted cache vs a fresh full forward.
   model = LlamaModel(hm.config)
   from hydra_jax.model.masks import cache_causal_mask
   cache = state.cache
-  logits, _, _ = model.apply({"params": hm.params}, state.last_token[:, None],
-                             cache.lengths[:, None], cache,
-                             cache_causal_mask(cache.lengths, 1, cache.max_len))
+  logits, _, _ = jax.jit(model.apply)({"params": hm.params}, state.last_token[:, None],
+                                      cache.lengths[:, None], cache,
+                                      cache_causal_mask(cache.lengths, 1, cache.max_len))
+  forward = jax.jit(lambda ids, pos: model.apply({"params": hm.params}, ids, pos))
   for b, prompt in enumerate(PROMPTS):
     seq = prompt + np.asarray(state.tokens[b, :int(state.num_generated[b])]).tolist()
-    full, _, _ = model.apply({"params": hm.params}, jnp.asarray([seq]),
-                             jnp.arange(len(seq))[None, :])
+    full, _, _ = forward(jnp.asarray([seq]), jnp.arange(len(seq))[None, :])
     np.testing.assert_allclose(np.asarray(logits[b, 0]), np.asarray(full[0, -1]), atol=1e-4)
 
 
@@ -234,22 +233,26 @@ def test_hydra_pp_decoding_head_logits_equal_training_forward(base):
   heads = DraftHeads(cfg, hm.config)
   model = LlamaModel(hm.config)
   emb = hm.params["embed_tokens"]["embedding"]
+  # The training forward, jitted (eager ops compile one by one, seconds on 2 cores).
+  @jax.jit
+  def training_context(ids, pos):
+    _, hidden, _ = model.apply({"params": hm.params}, ids, pos)
+    return heads.apply({"params": params}, hidden, pos, None, None, True, method="context")[0]
+
+  first_head_logits = jax.jit(lambda context, path: heads.apply(
+      {"params": params}, 0, context, path, True, method="head_logits"))
   for b, prompt in enumerate(PROMPTS):
     out = np.asarray(st.tokens[b, :int(st.num_generated[b])]).tolist()
     # committed context = prompt + all emitted tokens but the last (the next root)
     seq = prompt + out[:-1]
     assert int(st.cache.lengths[b]) == len(seq)
-    ids = jnp.asarray([seq])
-    pos = jnp.arange(len(seq))[None, :]
-    _, hidden, _ = model.apply({"params": hm.params}, ids, pos)
-    g_full, _ = heads.apply({"params": params}, hidden, pos, None, None, True, method="context")
+    g_full = training_context(jnp.asarray([seq]), jnp.arange(len(seq))[None, :])
     context = st.spec.context_BxE
     np.testing.assert_allclose(np.asarray(context[b]), np.asarray(g_full[0, -1]), atol=2e-5)
     root = jnp.asarray([out[-1]])
     path = jnp.take(emb, root, axis=0)[:, None, :]
-    dec = heads.apply({"params": params}, 0, context[b:b + 1], path, True,
-                      method="head_logits")
-    full = heads.apply({"params": params}, 0, g_full[:, -1], path, True, method="head_logits")
+    dec = first_head_logits(context[b:b + 1], path)
+    full = first_head_logits(g_full[:, -1], path)
     np.testing.assert_allclose(np.asarray(dec), np.asarray(full), atol=1e-4)
 
 

@@ -25,20 +25,13 @@ from hydra_jax.decoding.drafting import SpecModels, heads_drafter
 from hydra_jax.decoding.state import StopCriteria
 from hydra_jax.decoding.tree import compile_tree, expected_accept_length, load_tree
 from hydra_jax.model.heads import HeadsConfig, init_heads
-from hydra_jax.tools.testing import make_hf_model
+from hydra_jax.tools.testing import make_hf_model, perturb_params
 
 # A small vocabulary, so that random heads rank the true token anywhere in 0..31: the ranks
 # (and so the accept lengths) vary from position to position.
 VOCAB = 32
 PROMPTS = [[5, 9, 11, 4], [7, 30, 12, 8, 21, 6, 17], [13, 14, 15]]
 MAX_NEW = 30
-
-
-def _randomize(params, seed, scale=0.3):
-  leaves, treedef = jax.tree_util.tree_flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  return jax.tree_util.tree_unflatten(
-      treedef, [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +46,7 @@ def setup(tmp_path_factory):
   heads = {}
   for i, arch in enumerate(("medusa", "hydra++")):
     cfg = HeadsConfig.for_base(model.config, arch, num_heads=3, num_layers=1)
-    params = _randomize(init_heads(cfg, model.config, model.params, jax.random.PRNGKey(i)), i)
+    params = perturb_params(init_heads(cfg, model.config, model.params, jax.random.PRNGKey(i)), i, 0.3)
     heads[arch] = (cfg, params)
   return dict(root=root, model_dir=model_dir, model=model, heads=heads)
 
@@ -262,20 +255,31 @@ def test_resolve_tree_auto(setup, tmp_path, caplog):
   assert stored.name == "mine" and stored.paths == ((0,), (1,), (0, 0))
 
 
+def _saved_heads_and_prompts(setup, tmp_path, arch):
+  """The heads of `arch` saved to a directory, the calibration prompts to a JSONL file."""
+  cfg, params = setup["heads"][arch]
+  heads_dir = str(tmp_path / "heads")
+  save_heads(heads_dir, params, cfg, base_cfg=setup["model"].config)
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text("".join(json.dumps({"prompt_ids": p}) + "\n" for p in PROMPTS))
+  return heads_dir, str(prompts)
+
+
+def _fit_cli(setup, heads_dir, prompts, *flags):
+  """tree_fit's command line on the test heads, with quick timings; the written JSON."""
+  out = os.path.join(heads_dir, "tree_auto.json")
+  assert tree_fit.main(["--model", setup["model_dir"], "--heads", heads_dir, "--prompts", prompts,
+                        "--out", out, "--max-new-tokens", str(MAX_NEW), "--references",
+                        "--depths", "--iters", "2", "--repeats", "1", *flags]) == 0
+  with open(out) as f:
+    return json.load(f)
+
+
 def test_cli_writes_a_tree_that_generate_uses_with_tree_auto(setup, tmp_path):
   model = setup["model"]
   cfg, params = setup["heads"]["hydra++"]
-  heads_dir = str(tmp_path / "heads")
-  save_heads(heads_dir, params, cfg, base_cfg=model.config)
-  prompts = tmp_path / "prompts.jsonl"
-  prompts.write_text("".join(json.dumps({"prompt_ids": p}) + "\n" for p in PROMPTS))
-  out = os.path.join(heads_dir, "tree_auto.json")
-  assert tree_fit.main(["--model", setup["model_dir"], "--heads", heads_dir, "--prompts",
-                        str(prompts), "--out", out, "--sizes", "4", "8", "--max-new-tokens",
-                        str(MAX_NEW), "--references", "--depths", "--dynamic-sizes",
-                        "--iters", "2", "--repeats", "1"]) == 0
-  with open(out) as f:
-    saved = json.load(f)
+  heads_dir, prompts = _saved_heads_and_prompts(setup, tmp_path, "hydra++")
+  saved = _fit_cli(setup, heads_dir, prompts, "--sizes", "4", "8", "--dynamic-sizes")
   acc = np.asarray(saved["acc"])
   cal = tree_calibration.calibrate(model, (cfg, params), PROMPTS, max_new_tokens=MAX_NEW)
   np.testing.assert_allclose(acc, cal.acc)
@@ -293,12 +297,8 @@ def test_cli_writes_a_tree_that_generate_uses_with_tree_auto(setup, tmp_path):
 
   # With only a dynamic candidate besides size 2, whichever wins is written so that
   # --tree auto decodes with it, losslessly.
-  assert tree_fit.main(["--model", setup["model_dir"], "--heads", heads_dir, "--prompts",
-                        str(prompts), "--out", out, "--sizes", "2", "--max-new-tokens",
-                        str(MAX_NEW), "--references", "--depths", "--dynamic-sizes", "6",
-                        "--dynamic-temperatures", "0.5", "--iters", "2", "--repeats", "1"]) == 0
-  with open(out) as f:
-    saved = json.load(f)
+  saved = _fit_cli(setup, heads_dir, prompts, "--sizes", "2", "--dynamic-sizes", "6",
+                   "--dynamic-temperatures", "0.5")
   rows = {r["name"]: r for r in saved["table"]}
   assert set(rows) == {"fit_2", "dynamic:6:3:2:0.5"} and rows["dynamic:6:3:2:0.5"]["dynamic"]
   tree = tree_lib.resolve_tree("auto", heads_dir, num_heads=3)
@@ -308,20 +308,13 @@ def test_cli_writes_a_tree_that_generate_uses_with_tree_auto(setup, tmp_path):
   assert [r.output_ids for r in sp] == [r.output_ids for r in ar]
 
 
+@pytest.mark.slow  # two fits and four decode-rate runs: 40 s on 2 cores
 def test_dtype_auto_fits_a_tree_per_dtype_and_decoding_uses_the_faster(setup, tmp_path):
-  model = setup["model"]
-  cfg, params = setup["heads"]["medusa"]
-  heads_dir = str(tmp_path / "heads")
-  save_heads(heads_dir, params, cfg, base_cfg=model.config)
-  prompts = tmp_path / "prompts.jsonl"
-  prompts.write_text("".join(json.dumps({"prompt_ids": p}) + "\n" for p in PROMPTS))
+  cfg = setup["heads"]["medusa"][0]
+  heads_dir, prompts = _saved_heads_and_prompts(setup, tmp_path, "medusa")
   out = os.path.join(heads_dir, "tree_auto.json")
-  assert tree_fit.main(["--model", setup["model_dir"], "--heads", heads_dir, "--prompts",
-                        str(prompts), "--out", out, "--sizes", "2", "4", "--max-new-tokens",
-                        str(MAX_NEW), "--references", "--depths", "--dynamic-sizes",
-                        "--iters", "2", "--repeats", "1", "--dtype", "auto"]) == 0
-  with open(out) as f:
-    saved = json.load(f)
+  saved = _fit_cli(setup, heads_dir, prompts, "--sizes", "2", "4", "--dynamic-sizes", "--dtype",
+                   "auto")
   record = saved["dtype_auto"]
   rates = {dt: saved["by_dtype"][dt]["expected_tokens_per_s"] for dt in ("float32", "bfloat16")}
   assert record["expected_tokens_per_s"] == pytest.approx(rates)

@@ -30,8 +30,6 @@ import logging
 import os
 from typing import Any, Dict, Optional, Tuple
 
-from hydra_jax.decoding.tree import AUTO_TREE_FILE
-
 log = logging.getLogger("hydra_jax.decoding")
 
 DTYPE_AUTO = "auto"
@@ -43,10 +41,9 @@ def this_device() -> str:
   """"platform:device_kind" of the first device, as tree_fit records it; on a CPU, whose
   device_kind is just "cpu", the processor's model name too: an AMD EPYC and a Xeon with AMX
   rank f32 and bf16 the other way round."""
-  import jax
-  d = jax.devices()[0]
-  kind = f"{d.platform}:{d.device_kind}"
-  return f"{kind}:{cpu_model()}" if d.platform == "cpu" else kind
+  from hydra_jax.decoding.tree import device_id  # here: see _fit_file
+  kind = device_id()
+  return f"{kind}:{cpu_model()}" if kind.startswith("cpu:") else kind
 
 
 def cpu_model() -> str:
@@ -70,11 +67,17 @@ def platform_default(platform: Optional[str] = None) -> str:
   return "float32" if platform == "cpu" else "bfloat16"
 
 
+def _fit_file(heads_dir: str) -> str:
+  # Imported here, not at the top: argument parsers import DTYPE_CHOICES, and tree imports flax.
+  from hydra_jax.decoding.tree import AUTO_TREE_FILE
+  return os.path.join(os.path.expanduser(os.fspath(heads_dir)), AUTO_TREE_FILE)
+
+
 def read_dtype_fit(heads_dir: Optional[str]) -> Optional[Dict[str, Any]]:
   """The "dtype_auto" record of HEADS_DIR/tree_auto.json, or None (no dir, file or record)."""
   if not heads_dir or not isinstance(heads_dir, (str, os.PathLike)):
     return None
-  path = os.path.join(os.path.expanduser(os.fspath(heads_dir)), AUTO_TREE_FILE)
+  path = _fit_file(heads_dir)
   try:
     with open(path) as f:
       meta = json.load(f)
@@ -96,10 +99,10 @@ def resolve_dtype(dtype: str, heads_dir: Optional[str] = None) -> Tuple[str, str
     rates = record.get("decoded_tokens_per_s") or {}
     shown = ", ".join(f"{k} {float(v):.1f}" for k, v in sorted(rates.items()))
     return record["choice"], (f"measured faster on {here} by tree_fit ({shown} tokens/s; "
-                              f"{os.path.join(heads_dir, AUTO_TREE_FILE)})")
+                              f"{_fit_file(heads_dir)})")
   choice = platform_default(here.split(":")[0])
   if record is not None:
-    why = (f"the dtype fit in {os.path.join(heads_dir, AUTO_TREE_FILE)} was measured on "
+    why = (f"the dtype fit in {_fit_file(heads_dir)} was measured on "
            f"{record.get('device')}, not {here}; the {here.split(':')[0]} default")
   else:
     why = (f"no measured dtype fit for these heads (tree_fit --dtype auto writes one); the "

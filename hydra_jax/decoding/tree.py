@@ -334,6 +334,13 @@ def _fitted_for_dtype(path: str, dtype: Optional[str], num_heads: Optional[int],
     raise TreeError(f"{path}: by_dtype[{dtype!r}]: {e}") from None
 
 
+def device_id() -> str:
+  """"platform:device_kind" of the first device: what a fitted tree records as its device."""
+  import jax  # only here: the rest of this module is numpy
+  d = jax.devices()[0]
+  return f"{d.platform}:{d.device_kind}"
+
+
 def _warn_if_fitted_elsewhere(path: str) -> None:
   """The best tree size depends on the device: say so when the file was fitted on another."""
   try:
@@ -343,8 +350,7 @@ def _warn_if_fitted_elsewhere(path: str) -> None:
     return
   device = meta.get("device") if isinstance(meta, dict) else None
   if device:
-    import jax  # only here: the rest of this module is numpy
-    here = f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}"
+    here = device_id()
     if device != here:
       log.warning("tree auto: %s was fitted on %s but this device is %s; refit it here with "
                   "hydra_jax.decoding.tree_fit", path, device, here)

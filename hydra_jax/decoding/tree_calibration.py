@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import jax
@@ -31,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hydra_jax.decoding.dynamic_tree import DynamicTree
+from hydra_jax.decoding.prompt_files import read_single_turn_prompts
 from hydra_jax.decoding.tree import CompiledTree
 from hydra_jax.model.config import ModelConfig
 from hydra_jax.model.heads import DraftHeads, HeadsConfig, shared_lm_kernel
@@ -56,23 +56,8 @@ class Calibration:
 
 
 def read_prompts(path: str) -> List[Union[str, List[int]]]:
-  """JSONL prompts: {"prompt": TEXT} or {"prompt_ids": [ids]} per line."""
-  prompts = []
-  with open(path) as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      obj = json.loads(line)
-      if isinstance(obj, dict) and isinstance(obj.get("prompt_ids"), list):
-        prompts.append([int(x) for x in obj["prompt_ids"]])
-      elif isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
-        prompts.append(obj["prompt"])
-      else:
-        raise ValueError(f"{path}:{n}: expected an object with \"prompt\" (text) or "
-                         f"\"prompt_ids\" (token ids)")
-  if not prompts:
-    raise ValueError(f"{path} holds no prompts")
-  return prompts
+  """Calibration prompts, one turn each (`prompt_files` layouts); PromptFileError if bad."""
+  return read_single_turn_prompts(path, "--prompts", "tree_fit")
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))

@@ -46,7 +46,8 @@ import numpy as np
 
 from hydra_jax.decoding.step_timing import interleaved_medians, steady_state_timer
 from hydra_jax.decoding.dynamic_tree import MAX_DEFAULT_DEPTH, DynamicTree, default_beam
-from hydra_jax.decoding.tree import (FALLBACK_TREE, CompiledTree, compile_tree,
+from hydra_jax.decoding.dtype_choice import DTYPE_CHOICES
+from hydra_jax.decoding.tree import (FALLBACK_TREE, CompiledTree, compile_tree, device_id,
                                      expected_accept_length, grow_tree, load_tree)
 from hydra_jax.decoding.tree_calibration import (
     MAX_TOPK, calibrate, decoded_accept_length, measure_decode_rates, measure_dynamic_tau,
@@ -280,7 +281,9 @@ def main(argv=None) -> int:
                               "for --tree auto).")
   p.add_argument("--model", required=True, help="Hugging Face model directory")
   p.add_argument("--heads", required=True, help="draft heads directory")
-  p.add_argument("--prompts", required=True, help='JSONL: {"prompt": TEXT} or {"prompt_ids": [...]}')
+  p.add_argument("--prompts", required=True,
+                 help='calibration prompts: JSONL ({"prompt": TEXT} or {"prompt_ids": [...]} per '
+                      'line) or one text prompt per line')
   p.add_argument("--out", required=True, help="where to write the chosen tree (JSON)")
   p.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES),
                  help="candidate tree sizes: tokens verified per step, root included")
@@ -309,7 +312,7 @@ def main(argv=None) -> int:
                  help="score temperatures tried for every dynamic size")
   p.add_argument("--iters", type=int, default=8, help="steps per timing")
   p.add_argument("--repeats", type=int, default=7, help="timings per tree (median)")
-  p.add_argument("--dtype", choices=("float32", "bfloat16", "auto"), default="float32",
+  p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32",
                  help="dtype to fit in; auto: fit a tree in each of float32 and bfloat16, "
                       "record both and which is faster here (decode.py --dtype auto uses it)")
   args = p.parse_args(argv)
@@ -321,8 +324,17 @@ def main(argv=None) -> int:
   logger.addHandler(handler)
   logger.setLevel(logging.INFO)
   logger.propagate = False  # a library may have set up the root logger
+  from hydra_jax.checkpoint.hf import CheckpointError
+  from hydra_jax.decoding.prompt_files import PromptFileError
+  from hydra_jax.model.config import UnsupportedModelError
+  from hydra_jax.model.heads import HeadsMismatchError
+  from hydra_jax.registry.models import RegistryError
   try:
     return _fit_and_write(args)
+  except (PromptFileError, CheckpointError, UnsupportedModelError, HeadsMismatchError,
+          RegistryError) as e:  # bad input: the message names the fix, no traceback
+    print(f"tree_fit: error: {e}", file=sys.stderr)
+    return 2
   finally:  # called in-process (tests, notebooks): leave the logger as it was
     logger.removeHandler(handler)
     logger.setLevel(saved[0])
@@ -334,9 +346,9 @@ def _fit_and_write(args: argparse.Namespace) -> int:
   # auto: fit once per dtype; calibration and the dynamic trees' tau come from the first
   # (f32), since greedy acceptance barely moves with the dtype while the step times do.
   dtypes = dtype_choice.DTYPES if args.dtype == dtype_choice.DTYPE_AUTO else (args.dtype,)
+  prompts = read_prompts(args.prompts)  # before the model: a bad file fails at once
   model = api.load_model(args.model, dtype=dtypes[0])
   heads_cfg, heads_params = api.load_draft_heads(model, args.heads)
-  prompts = read_prompts(args.prompts)
   t0 = time.perf_counter()
   cal = calibrate(model, (heads_cfg, heads_params), prompts, args.max_new_tokens, args.max_topk,
                   args.chat, args.batch_size)
@@ -358,11 +370,12 @@ def _fit_and_write(args: argparse.Namespace) -> int:
     print(f"# dynamic trees, measured tau ({time.perf_counter() - t0:.1f}s): "
           + ", ".join(f"{t.name} {tau:.3f}" for t, tau in zip(dyn_trees, dyn_taus)))
   fits: Dict[str, HardwareFit] = {}
-  models = {dtypes[0]: model}
+  loaded = {dtypes[0]: (model, (heads_cfg, heads_params))}  # per dtype: base, heads
   for dt in dtypes:
     if dt != dtypes[0]:
-      model = models[dt] = api.load_model(args.model, dtype=dt)
+      model = api.load_model(args.model, dtype=dt)
       heads_cfg, heads_params = api.load_draft_heads(model, args.heads)
+      loaded[dt] = (model, (heads_cfg, heads_params))
     t0 = time.perf_counter()
     fits[dt] = fit_to_hardware(model, (heads_cfg, heads_params), cal.acc, args.sizes,
                                args.max_nodes, args.references, ranks=cal.ranks,
@@ -380,8 +393,7 @@ def _fit_and_write(args: argparse.Namespace) -> int:
   if len(dtypes) > 1:  # the dtype is chosen on the decode loop itself (measure_decode_rates)
     runs = {}
     for dt in dtypes:
-      m = models[dt]
-      h = api.load_draft_heads(m, args.heads)
+      m, h = loaded[dt]
       runs[f"{dt} speculative"] = (m, h, fits[dt].tree)
       runs[f"{dt} autoregressive"] = (m, None, None)
     t0 = time.perf_counter()
@@ -391,7 +403,7 @@ def _fit_and_write(args: argparse.Namespace) -> int:
     best = max(dtypes, key=lambda dt: decoded[f"{dt} speculative"])
   else:
     best = dtypes[0]
-  device = f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}"
+  device = device_id()
   by_dtype = {dt: _fit_record(f, heads_cfg.arch) for dt, f in fits.items()}
   fit = fits[best]
   out = {**by_dtype[best], "dtype": best, "method": args.method, "heads_arch": heads_cfg.arch,

@@ -51,6 +51,9 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from hydra_jax.decoding.dtype_choice import DTYPE_CHOICES  # light: parsing stays instant
+from hydra_jax.decoding.prompt_files import PromptFileError, read_prompt_file
+
 log = logging.getLogger("hydra_jax.tools.bench")
 
 PROMPT_FORMATS = ("raw", "chat", "vicuna_v1.1")
@@ -64,45 +67,11 @@ class BenchError(ValueError):
 
 
 def read_prompts(path: str) -> List[Any]:
-  """Each entry: a list of turns (str), or a list of token ids (one "prompt_ids" record).
-
-  JSONL objects with "turns" (MT-Bench), "prompt" or "prompt_ids"; a file whose first
-  non-empty line is not a JSON object holds one text prompt per line.
-  """
+  """Each entry: a list of turns (str), or a list of token ids (`prompt_files` layouts)."""
   try:
-    with open(path, encoding="utf-8") as f:
-      lines = [line.rstrip("\n") for line in f]
-  except OSError as e:
-    raise BenchError(f"cannot read --prompts {path}: {e.strerror}") from None
-  body = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
-  if not body:
-    raise BenchError(f"--prompts {path} holds no prompts")
-  try:
-    is_jsonl = isinstance(json.loads(body[0][1]), dict)
-  except json.JSONDecodeError:
-    is_jsonl = False
-  if not is_jsonl:
-    return [[line] for _, line in body]
-  out = []
-  for n, line in body:
-    try:
-      obj = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise BenchError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-    if not isinstance(obj, dict):
-      raise BenchError(f"{path}:{n}: expected a JSON object")
-    if isinstance(obj.get("turns"), list) and obj["turns"] and all(
-        isinstance(t, str) for t in obj["turns"]):
-      out.append(list(obj["turns"]))
-    elif isinstance(obj.get("prompt"), str):
-      out.append([obj["prompt"]])
-    elif isinstance(obj.get("prompt_ids"), list) and all(
-        isinstance(x, int) and not isinstance(x, bool) for x in obj["prompt_ids"]):
-      out.append(list(obj["prompt_ids"]))
-    else:
-      raise BenchError(f"{path}:{n}: expected \"turns\" (a list of strings), \"prompt\" (text) "
-                       f"or \"prompt_ids\" (token ids)")
-  return out
+    return read_prompt_file(path, "--prompts")
+  except PromptFileError as e:
+    raise BenchError(str(e)) from None
 
 
 def encode_conversation(tokenizer, messages: Sequence[Dict[str, str]], fmt: str) -> List[int]:
@@ -404,7 +373,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--cache-len", type=int, default=None,
                  help="KV cache slots (default: longest prompt + max new tokens + tree, bucketed)")
   p.add_argument("--repeats", type=int, default=3, help="timed passes; times are medians")
-  p.add_argument("--dtype", choices=("float32", "bfloat16", "auto"), default="float32",
+  p.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32",
                  help="param and compute dtype of the base model and the heads (auto: the one "
                       "tree_fit measured faster for the first heads on this device, else the "
                       "platform's default; see hydra_jax.decoding.dtype_choice)")

@@ -26,6 +26,23 @@ First, you know Caius Marcius is chief enemy to the people.
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 
 
+def perturb_params(params, seed: int, scale: float):
+  """`params` plus `scale` x standard normal noise on every leaf, same dtypes.
+
+  Test heads are zero-initialised in places (they would draft the same thing for every path
+  and hide a wrong formula): perturbing every leaf makes them compute something. The noise is
+  drawn in numpy: `jax.random.normal` run eagerly compiles one XLA program per leaf shape,
+  seconds per head set on a 2-core CPU.
+  """
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  return jax.tree_util.tree_map(
+      lambda x: jnp.asarray(np.asarray(x, np.float32) + scale * rng.standard_normal(x.shape),
+                            dtype=x.dtype), params)
+
+
 def _corpus_text(max_chars: int = 200_000) -> str:
   from hydra_jax.registry.embedded import EmbeddedAssetError, corpus_path
   try:

@@ -97,25 +97,36 @@ def _query_candidates(model, prefix: List[int], rows: int, *, max_new_tokens: in
   return [t for t in texts if len(t) >= min_chars]
 
 
+def _rows_for(missing: int, yield_rate: float, batch_size: int) -> int:
+  """Rows to sample for `missing` queries at `yield_rate` new queries per row: a 1.25 margin,
+  whole batches, at least one batch and at most a full round (8 batches)."""
+  wanted = 1.25 * missing / max(yield_rate, 1e-3)
+  return min(batch_size * 8, max(batch_size, -(-int(wanted) // batch_size) * batch_size))
+
+
 def sample_queries(model, num_queries: int, *, max_new_tokens: int = 96, temperature: float = 1.0,
                    top_p: float = 1.0, seed: int = 0, batch_size: int = 32,
                    min_chars: int = 12, max_rounds: int = 20,
-                   seen: Optional[Set[str]] = None) -> List[str]:
+                   seen: Optional[Set[str]] = None, expected_yield: Optional[float] = None,
+                   counts: Optional[Dict[str, int]] = None) -> List[str]:
   """Up to `num_queries` user messages sampled after the pre-query template, none of them
   (normalized: `normalize_query`) in `seen` or repeated.
 
   A sample counts when it ended with an end-of-turn token (not cut off by max_new_tokens),
   is at least `min_chars` long and new. Rounds run until enough or `max_rounds`; fewer come
   back only when the model stopped writing new questions. The first round samples
-  `batch_size * 8` rows; a later one only what the last round's yield says is still missing
-  (with a margin, whole batches): sampling is a third of a shard's time, and a full round for
-  the last few dozen queries wasted half of it.
+  `batch_size * 8` rows, or, given `expected_yield` (new queries per row, as the last shard
+  measured), what that yield needs; a later round only what the last round's yield says is
+  still missing (`_rows_for`): sampling is a third of a shard's time, and a full round for
+  the last few dozen queries wasted half of it. `counts`, if given, gets "rows" (sampled) and
+  "found" (new distinct queries, before the cut to `num_queries`).
   """
   prefix = pre_query_ids(model.tokenizer)
   seen = set(seen or ())
   queries: List[str] = []
-  full = batch_size * 8
-  rows = full
+  rows = (batch_size * 8 if expected_yield is None
+          else _rows_for(num_queries, expected_yield, batch_size))
+  sampled = 0
   for r in range(max_rounds):
     before = len(queries)
     for text in _query_candidates(model, prefix, rows, max_new_tokens=max_new_tokens,
@@ -125,12 +136,13 @@ def sample_queries(model, num_queries: int, *, max_new_tokens: int = 96, tempera
       if key not in seen:
         seen.add(key)
         queries.append(text)
-    log.info("magpie: round %d, %d new distinct queries", r + 1, len(queries))
+    sampled += rows
+    log.info("magpie: round %d, %d rows, %d new distinct queries", r + 1, rows, len(queries))
     if len(queries) >= num_queries:
       break
-    yield_rate = (len(queries) - before) / rows
-    wanted = 1.25 * (num_queries - len(queries)) / max(yield_rate, 1e-3)
-    rows = min(full, max(batch_size, -(-int(wanted) // batch_size) * batch_size))
+    rows = _rows_for(num_queries - len(queries), (len(queries) - before) / rows, batch_size)
+  if counts is not None:  # found: before the cut to num_queries (the yield's numerator)
+    counts.update(rows=sampled, found=len(queries))
   return queries[:num_queries]
 
 
@@ -347,9 +359,14 @@ def write_magpie(model, out_dir: str, *, target_tokens: int = 0, num_queries: in
     index, t0 = next_index, time.time()
     n = shard_queries if not num_queries else min(shard_queries, num_queries - totals["queries"])
     s_seed = shard_seed(seed, index)
+    last = manifest["shards"][-1] if manifest["shards"] else {}
+    # The last shard's yield sizes the first round (it falls as the data set grows).
+    expected = last.get("query_yield")
+    counts: Dict[str, int] = {}
     queries = sample_queries(model, n, max_new_tokens=query_tokens, temperature=temperature,
                              top_p=top_p, seed=s_seed, batch_size=batch_size,
-                             min_chars=min_chars, max_rounds=max_rounds, seen=seen)
+                             min_chars=min_chars, max_rounds=max_rounds, seen=seen,
+                             expected_yield=expected, counts=counts)
     if not queries:
       log.warning("magpie: the model wrote no new question in %d rounds of %d samples; "
                   "stopping (raise --query-tokens or lower --min-chars)", max_rounds,
@@ -368,6 +385,8 @@ def write_magpie(model, out_dir: str, *, target_tokens: int = 0, num_queries: in
     os.replace(tmp, fpath)
     answered = {k for rec in records for k in _record_queries(rec)}
     entry = {"file": fname, "index": index, "seed": s_seed, "queries": len(queries),
+             "query_rows": counts["rows"],
+             "query_yield": round(counts["found"] / max(counts["rows"], 1), 4),
              "conversations": stats["conversations"],
              "answer_tokens": int(stats.get("new_tokens", 0)), "sha256": file_sha256(fpath),
              "bytes": os.path.getsize(fpath), "query_seconds": round(t1 - t0, 3),
