@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from hydra_jax.decoding import api
-from hydra_jax.decoding.tie_check import TIE_FACTOR, TieChecker
+from hydra_jax.decoding.tie_check import CHUNK_MAX, TIE_FACTOR, TieChecker
 from hydra_jax.model.heads import HeadsConfig, init_heads
 from hydra_jax.tools.bench import first_difference
 from hydra_jax.tools.testing import make_hf_model
@@ -82,8 +82,8 @@ def _runner_up_at_a_sure_position(checker, prompt, output_ids):
 def test_a_wrong_token_is_a_real_mismatch(setup, dtype):
   model = setup["model"] if dtype == "bfloat16" else api.load_model(
       setup["path"], dtype=dtype, tokenizer=False)
-  checker = setup["checker"] if dtype == "bfloat16" else TieChecker(
-      model.config, model.params, dtype)
+  # Chunks up to 4 tokens (not CHUNK_MAX): each size compiles once, and none may reproduce.
+  checker = TieChecker(model.config, model.params, dtype, chunk_max=4)
   prompt = setup["prompts"][0]
   ar = (setup["ar"][0] if dtype == "bfloat16" else
         api.generate(model, [prompt], NEW_TOKENS, mode="ar", stop_ids=[])[0])
@@ -93,6 +93,7 @@ def test_a_wrong_token_is_a_real_mismatch(setup, dtype):
   assert (d.position, d.ar_token, d.spec_token) == (p, ar.output_ids[p], runner_up)
   assert d.gap == pytest.approx(d.top2_margin) and d.gap > 0
   assert not d.tie and d.gap > TIE_FACTOR * d.rounding
+  assert d.reproduced_by_chunk is None  # no forward of any chunk size picks the runner-up
   if dtype == "float32":
     assert d.rounding == 0.0
   # An output that merely stops earlier has no token to judge.
@@ -110,3 +111,20 @@ def test_our_speculative_bf16_output_parts_from_ar_only_at_ties(setup):
     if at is not None:
       d = setup["checker"].classify(prompt, ar.output_ids, sp.output_ids, at)
       assert d.tie, d
+
+
+def test_chunked_decode_is_the_full_forward_in_f32(setup):
+  """The reproduction's decode (the generated tokens forwarded k at a time over a KV cache)
+  computes the model: in f32 its logits equal the full forward's for every chunk size."""
+  model = api.load_model(setup["path"], dtype="float32", tokenizer=False)
+  checker = TieChecker(model.config, model.params, "float32")
+  prompt = list(setup["prompts"][1])
+  prefix = prompt + list(setup["ar"][1].output_ids[:20])
+  tokens = np.zeros((1, 128), np.int32)
+  tokens[0, :len(prefix)] = prefix
+  full = np.asarray(checker._run(checker.params, tokens, len(prefix) - 1))
+  for k in (1, 3, 7, CHUNK_MAX, 20):
+    np.testing.assert_allclose(checker.chunked_logits(len(prompt), prefix, k), full, atol=2e-4,
+                               err_msg=str(k))
+  with pytest.raises(ValueError, match="chunk size 21"):
+    checker.chunked_logits(len(prompt), prefix, 21)

@@ -22,6 +22,17 @@ forward's logits (an accepted draft equals it, and so does the bonus). The rule:
             In f32 rounding is 0, so any f32 difference is a real mismatch.
             `rounding` is measured on one forward at p and stands for all three; a second bf16
             implementation (transformers' in bf16, tests/test_tie_check.py) lands within it.
+  or reproduced (not in f32): `rounding` is one forward's estimate and can come out low. So
+            a difference outside 4x is also a tie when a plain causal bf16 decode of the
+            verify's shape picks the speculative token: the generated tokens forwarded k at a
+            time over the KV cache (k = 1 .. CHUNK_MAX, the verify's token counts; the same
+            attention path as tree verification; k = 1 is autoregressive decoding itself).
+            Then s is the argmax of a correctly computed bf16 decode, which is what a tie
+            means; a wrong token is not reproduced (tests/test_tie_check.py), and the chunked
+            decode equals the full forward in f32. Measured on SmolLM2 in bf16 (AMD EPYC, one
+            thread): at a position with gap 0.096 and rounding 0.020 (4.8x), chunks of 2-7
+            tokens give gap -0.007 (the speculative token), chunks of 1 and of 8-16 give
+            +0.096: XLA:CPU's bf16 matmul rounds by row-count class.
 
 Legend: T sequence length (padded), V vocab.
 """
@@ -35,11 +46,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hydra_jax.model.kv_cache import init_cache
 from hydra_jax.model.llama import LlamaModel
+from hydra_jax.model.masks import cache_causal_mask
 
 PAD_TO = 128  # prefixes are padded to a multiple of this: one compile per bucket, not per length
 ROUNDING_TOP = 8  # the logits whose rounding is measured: the contenders at p
 TIE_FACTOR = 4.0  # |gap| <= TIE_FACTOR * rounding is a tie (the module docstring says why)
+CHUNK_MAX = 16  # chunk sizes tried by the reproduction: up to the biggest fitted trees
 
 
 @dataclasses.dataclass
@@ -51,6 +65,7 @@ class Difference:
   top2_margin: float  # top-1 minus top-2 logit at p (run dtype)
   rounding: float  # max |dtype - f32| over the top logits at p
   tie: bool
+  reproduced_by_chunk: Optional[int] = None  # k of a chunked decode that picks the spec token
 
   def to_json(self) -> Dict[str, Any]:
     return dataclasses.asdict(self)
@@ -60,8 +75,9 @@ class TieChecker:
   """Classifies differences for one model (params in the run's dtype); jitted forwards are
   kept per padded length."""
 
-  def __init__(self, cfg, params, dtype):
+  def __init__(self, cfg, params, dtype, chunk_max: int = CHUNK_MAX):
     self.dtype = jnp.dtype(dtype)
+    self.chunk_max = chunk_max  # the reproduction's largest chunk (one compile per size)
     self.params = params
     self._params_f32 = None  # made on the first bf16 difference: most runs have none
     run = LlamaModel(cfg, dtype=self.dtype, param_dtype=self.dtype)
@@ -74,6 +90,32 @@ class TieChecker:
 
     self._run = jax.jit(lambda p, t, i: last_logits(run, p, t, i))
     self._ref = jax.jit(lambda p, t, i: last_logits(ref, p, t, i))
+
+    def chunked_logits(model, p, tokens_1xT, first, num_chunks, k):
+      """Next-token logits after a prefix whose first `first` tokens are prefilled and the
+      rest forwarded in `num_chunks` consecutive chunks of k tokens over the KV cache: the
+      cache history of a speculative run committing k tokens per step."""
+      t = tokens_1xT.shape[1]
+      cache = init_cache(cfg, 1, t, model.dtype)
+      # The whole padded row is prefilled; slots from `first` on are overwritten by the
+      # chunks before any query can see them (the mask stops at each query's own slot).
+      _, _, cache = model.apply({"params": p}, tokens_1xT, jnp.arange(t)[None, :], cache,
+                                cache_causal_mask(cache.lengths, t, t))
+      cache = cache.replace(lengths=jnp.reshape(first, (1,)).astype(jnp.int32))
+
+      def step(i, carry):
+        cache, _ = carry
+        start = first + i * k
+        chunk = jax.lax.dynamic_slice(tokens_1xT, (0, start), (1, k))
+        logits, _, cache = model.apply({"params": p}, chunk, (start + jnp.arange(k))[None, :],
+                                       cache, cache_causal_mask(cache.lengths, k, t))
+        return cache.replace(lengths=cache.lengths + k), logits[0, -1].astype(jnp.float32)
+
+      return jax.lax.fori_loop(0, num_chunks, step,
+                               (cache, jnp.zeros((cfg.vocab_size,), jnp.float32)))[1]
+
+    self._chunked = jax.jit(lambda p, x, f, n, k: chunked_logits(run, p, x, f, n, k),
+                            static_argnums=4)
 
   def classify(self, prompt_ids: Sequence[int], ar_ids: Sequence[int],
                spec_ids: Sequence[int], position: int) -> Optional[Difference]:
@@ -99,8 +141,28 @@ class TieChecker:
       ref = np.asarray(self._ref(self._params_f32, tokens, last), np.float64)
       contenders = np.unique(np.concatenate([top, [a, s]]))
       rounding = float(np.max(np.abs(logits[contenders] - ref[contenders])))
+    tie = abs(gap) <= TIE_FACTOR * rounding
+    reproduced = None
+    if not tie and self.dtype != jnp.float32:
+      reproduced = next((k for k in range(1, min(self.chunk_max, position) + 1) if int(
+          np.argmax(self.chunked_logits(len(prompt_ids), prefix, k))) == s), None)
     return Difference(position=position, ar_token=a, spec_token=s, gap=gap, top2_margin=margin,
-                      rounding=rounding, tie=abs(gap) <= TIE_FACTOR * rounding)
+                      rounding=rounding, tie=tie or reproduced is not None,
+                      reproduced_by_chunk=reproduced)
+
+  def chunked_logits(self, prompt_len: int, prefix: Sequence[int], k: int) -> np.ndarray:
+    """Next-token logits after `prefix` (prompt + generated tokens), the generated part
+    forwarded k tokens at a time over the KV cache, the last chunk ending at the prefix's
+    end (its remainder modulo k is prefilled with the prompt). Needs k <= generated."""
+    generated = len(prefix) - prompt_len
+    if not 1 <= k <= generated:
+      raise ValueError(f"chunk size {k} must be in 1 .. {generated} (the generated tokens)")
+    t = -(-len(prefix) // PAD_TO) * PAD_TO
+    tokens = np.zeros((1, t), np.int32)
+    tokens[0, :len(prefix)] = prefix
+    first = prompt_len + generated % k
+    return np.asarray(self._chunked(self.params, tokens, jnp.int32(first),
+                                    jnp.int32(generated // k), k), np.float64)
 
 
-__all__ = ["Difference", "TIE_FACTOR", "TieChecker"]
+__all__ = ["CHUNK_MAX", "Difference", "TIE_FACTOR", "TieChecker"]
