@@ -152,14 +152,8 @@ def main(argv=None) -> int:
 
 def _run(args) -> int:
   # Heavy imports after argument parsing, so --help and usage errors are instant.
-  from hydra_jax.checkpoint.hf import CheckpointError
   from hydra_jax.decoding import dtype_choice
-  from hydra_jax.decoding.api import DecodeInputError, generate, load_model, resolve_mesh
-  from hydra_jax.decoding.tree import TreeError
-  from hydra_jax.model.config import UnsupportedModelError
-  from hydra_jax.model.heads import HeadsMismatchError
-
-  from hydra_jax.registry.models import RegistryError
+  from hydra_jax.decoding.api import INPUT_ERRORS, generate, load_model, resolve_mesh
   if args.coordinator:
     import jax
     jax.distributed.initialize(coordinator_address=args.coordinator,
@@ -180,8 +174,7 @@ def _run(args) -> int:
                        posterior_threshold=args.posterior_threshold,
                        posterior_alpha=args.posterior_alpha,
                        allow_heads_mismatch=args.allow_heads_mismatch, mesh=mesh)
-  except (UsageError, DecodeInputError, CheckpointError, UnsupportedModelError, TreeError,
-          HeadsMismatchError, RegistryError) as e:
+  except (UsageError,) + INPUT_ERRORS as e:
     print(f"decode.py: error: {e}", file=sys.stderr)
     return 2
   if args.coordinator and args.process_id != 0:

@@ -464,6 +464,7 @@ def stream_case(hm):
   return _heads(hm, "hydra++", seed=2), load_tree("greedy_15")
 
 
+@pytest.mark.slow  # the accept functions' own greedy equality is tested above, by default
 def test_temperature_zero_exact_and_typical_equal_greedy(hm, stream_case):
   heads, tree = stream_case
   cache_len = 64

@@ -140,19 +140,18 @@ def test_later_query_rounds_sample_only_what_is_missing(model, monkeypatch, tmp_
     return [f"Question {seed} {i}?" for i in range(rows // 2)]  # yield 0.5, all distinct
 
   monkeypatch.setattr(magpie, "_query_candidates", half_new)
-  queries = magpie.sample_queries(model[1], 20, batch_size=4, seed=0)
+  queries, _, _ = magpie.sample_queries(model[1], 20, batch_size=4, seed=0)
   # round 1: 32 rows -> 16 queries; 4 missing / 0.5 * 1.25 = 10 rows -> 12 (whole batches)
   assert asked == [32, 12] and len(queries) == 20
   asked.clear()
-  queries = magpie.sample_queries(model[1], 40, batch_size=4, seed=0)
+  queries, _, _ = magpie.sample_queries(model[1], 40, batch_size=4, seed=0)
   # 24 missing / 0.5 * 1.25 = 60 rows: capped at a full round (32), then 8 missing -> 20 -> 20
   assert asked == [32, 32, 20] and len(queries) == 40
   asked.clear()
-  counts = {}
-  queries = magpie.sample_queries(model[1], 8, batch_size=4, seed=0, expected_yield=0.5,
-                                  counts=counts)
+  queries, rows, found = magpie.sample_queries(model[1], 8, batch_size=4, seed=0,
+                                               expected_yield=0.5)
   # a known yield sizes round 1: 8 / 0.5 * 1.25 = 20 rows -> 10 found, 8 kept
-  assert asked == [20] and len(queries) == 8 and counts == {"rows": 20, "found": 10}
+  assert asked == [20] and len(queries) == 8 and (rows, found) == (20, 10)
   # A data set records each shard's yield; the next shard's first round is sized by it.
   asked.clear()
   manifest = magpie.write_magpie(model[1], str(tmp_path / "data"), num_queries=6,

@@ -30,15 +30,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from hydra_jax.checkpoint.heads_io import load_heads
-from hydra_jax.checkpoint.hf import HFModel, load_hf_model
+from hydra_jax.checkpoint.hf import CheckpointError, HFModel, load_hf_model
 from hydra_jax.parallel import mesh as decode_mesh
 from hydra_jax.decoding import dtype_choice
 from hydra_jax.decoding.acceptance import DEFAULT_POSTERIOR_ALPHA, DEFAULT_POSTERIOR_THRESHOLD
 from hydra_jax.decoding.engine import DecodeEngine
 from hydra_jax.decoding.sampling import SamplingParams
 from hydra_jax.decoding.state import FINISH_REASONS, BatchOutput, StopCriteria
-from hydra_jax.decoding.tree import resolve_tree
-from hydra_jax.model.heads import HeadsConfig
+from hydra_jax.decoding.prompt_files import PromptFileError
+from hydra_jax.decoding.tree import TreeError, resolve_tree
+from hydra_jax.model.config import UnsupportedModelError
+from hydra_jax.model.heads import HeadsConfig, HeadsMismatchError
+from hydra_jax.registry.models import RegistryError
 
 log = logging.getLogger("hydra_jax.decoding")
 
@@ -50,6 +53,12 @@ CACHE_BUCKET = 128  # default cache lengths are multiples of this (capped by max
 
 class DecodeInputError(ValueError):
   """Bad input to generate / decode.py (empty prompt, prompt longer than the cache, ...)."""
+
+
+# What the command-line tools (decode.py, tree_fit, bench, demo) report as bad input: one
+# line naming the fix and exit code 2, no traceback. Each tool adds its own usage error.
+INPUT_ERRORS = (DecodeInputError, PromptFileError, CheckpointError, UnsupportedModelError,
+                TreeError, HeadsMismatchError, RegistryError)
 
 
 @dataclasses.dataclass

@@ -83,11 +83,12 @@ def read_prompt_file(path: str, flag: str = "--prompts") -> List[Entry]:
   return out
 
 
-def single_turn_prompts(entries: List[Entry], path: str, tool: str) -> List[Union[str, List[int]]]:
-  """Each entry as one prompt: its text, or its token ids. `tool` answers one turn per prompt,
-  so a multi-turn entry is an error that says where such files go."""
+def read_single_turn_prompts(path: str, flag: str, tool: str) -> List[Union[str, List[int]]]:
+  """The file's entries as one prompt each: its text, or its token ids (decode.py, tree_fit).
+  `tool` answers one turn per prompt, so a multi-turn entry is an error that says where such
+  files go."""
   out: List[Union[str, List[int]]] = []
-  for i, entry in enumerate(entries, 1):
+  for i, entry in enumerate(read_prompt_file(path, flag), 1):
     if entry and isinstance(entry[0], str):
       if len(entry) > 1:
         raise PromptFileError(f"{path}: prompt {i} has {len(entry)} turns; {tool} answers one "
@@ -97,8 +98,3 @@ def single_turn_prompts(entries: List[Entry], path: str, tool: str) -> List[Unio
     else:
       out.append(list(entry))
   return out
-
-
-def read_single_turn_prompts(path: str, flag: str, tool: str) -> List[Union[str, List[int]]]:
-  """`read_prompt_file` then `single_turn_prompts`: what decode.py and tree_fit read."""
-  return single_turn_prompts(read_prompt_file(path, flag), path, tool)

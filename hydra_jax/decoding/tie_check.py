@@ -25,8 +25,9 @@ forward's logits (an accepted draft equals it, and so does the bonus). The rule:
   or reproduced (not in f32): `rounding` is one forward's estimate and can come out low. So
             a difference outside 4x is also a tie when a plain causal bf16 decode of the
             verify's shape picks the speculative token: the generated tokens forwarded k at a
-            time over the KV cache (k = 1 .. CHUNK_MAX, the verify's token counts; the same
-            attention path as tree verification; k = 1 is autoregressive decoding itself).
+            time over the KV cache (k = 2 .. CHUNK_MAX, the verify's token counts; the same
+            attention path as tree verification; k = 1 is autoregressive decoding itself, which
+            picked the AR token, so it is not tried).
             Then s is the argmax of a correctly computed bf16 decode, which is what a tie
             means; a wrong token is not reproduced (tests/test_tie_check.py), and the chunked
             decode equals the full forward in f32. Measured on SmolLM2 in bf16 (AMD EPYC, one
@@ -144,7 +145,8 @@ class TieChecker:
     tie = abs(gap) <= TIE_FACTOR * rounding
     reproduced = None
     if not tie and self.dtype != jnp.float32:
-      reproduced = next((k for k in range(1, min(self.chunk_max, position) + 1) if int(
+      # From k = 2: k = 1 is the AR decode that picked a (chunked_logits docstring).
+      reproduced = next((k for k in range(2, min(self.chunk_max, position) + 1) if int(
           np.argmax(self.chunked_logits(len(prompt_ids), prefix, k))) == s), None)
     return Difference(position=position, ar_token=a, spec_token=s, gap=gap, top2_margin=margin,
                       rounding=rounding, tie=tie or reproduced is not None,

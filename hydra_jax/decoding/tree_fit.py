@@ -324,15 +324,10 @@ def main(argv=None) -> int:
   logger.addHandler(handler)
   logger.setLevel(logging.INFO)
   logger.propagate = False  # a library may have set up the root logger
-  from hydra_jax.checkpoint.hf import CheckpointError
-  from hydra_jax.decoding.prompt_files import PromptFileError
-  from hydra_jax.model.config import UnsupportedModelError
-  from hydra_jax.model.heads import HeadsMismatchError
-  from hydra_jax.registry.models import RegistryError
+  from hydra_jax.decoding.api import INPUT_ERRORS
   try:
     return _fit_and_write(args)
-  except (PromptFileError, CheckpointError, UnsupportedModelError, HeadsMismatchError,
-          RegistryError) as e:  # bad input: the message names the fix, no traceback
+  except INPUT_ERRORS as e:  # bad input: the message names the fix, no traceback
     print(f"tree_fit: error: {e}", file=sys.stderr)
     return 2
   finally:  # called in-process (tests, notebooks): leave the logger as it was

@@ -290,7 +290,7 @@ def markdown_table(rows: List[Dict[str, Any]], setup: Dict[str, Any]) -> str:
                f"{first['position']}, {first['gap']:.3g}, {first['rounding']:.3g}")
       n = setup.get("num_outputs", 0)
       lines.append(f"| {r['name']} | {n} | {n - r['num_mismatches']} | {r['num_ties']} | "
-                   f"{r.get('num_ties_by_chunk', 0)} | {r['num_real_mismatches']} | {where} |")
+                   f"{r['num_ties_by_chunk']} | {r['num_real_mismatches']} | {where} |")
   return "\n".join(lines) + "\n"
 
 
@@ -550,13 +550,10 @@ def main(argv=None) -> int:
   logger.setLevel(logging.INFO)
   logger.propagate = False
   logging.getLogger("hydra_jax.decoding").setLevel(logging.WARNING)  # not a line per batch
-  from hydra_jax.checkpoint.hf import CheckpointError
-  from hydra_jax.decoding.api import DecodeInputError
-  from hydra_jax.decoding.tree import TreeError
-  from hydra_jax.model.heads import HeadsMismatchError
+  from hydra_jax.decoding.api import INPUT_ERRORS
   try:
     report = run(args)
-  except (BenchError, DecodeInputError, CheckpointError, TreeError, HeadsMismatchError) as e:
+  except (BenchError,) + INPUT_ERRORS as e:
     print(f"hydra_jax.tools.bench: error: {e}", file=sys.stderr)
     return 2
   md = write_outputs(report, args.out)

@@ -385,19 +385,14 @@ def main(argv=None, stdout=None) -> int:
     return 2
   os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
   # Heavy imports after the checks, so --help and missing assets answer at once.
-  from hydra_jax.checkpoint.hf import CheckpointError
-  from hydra_jax.decoding.api import DecodeInputError, load_model
-  from hydra_jax.decoding.tree import TreeError
-  from hydra_jax.model.config import UnsupportedModelError
-  from hydra_jax.model.heads import HeadsMismatchError
+  from hydra_jax.decoding.api import INPUT_ERRORS, load_model
 
   try:
     err(f"loading {model_dir} and heads {heads_dir}")
     model = load_model(model_dir, dtype=args.dtype)
     res = run_demo(model, heads_dir, args.prompt, args.max_new_tokens, args.tree,
                    repeats=args.repeats, chat=args.chat, log=err)
-  except (DemoError, DecodeInputError, CheckpointError, UnsupportedModelError, TreeError,
-          HeadsMismatchError) as e:
+  except (DemoError,) + INPUT_ERRORS as e:
     err(f"hydra_jax.tools.demo: error: {e}")
     return 2
   style = "ansi" if use_color(args.color, out) else "brackets"

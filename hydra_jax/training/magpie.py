@@ -107,10 +107,12 @@ def _rows_for(missing: int, yield_rate: float, batch_size: int) -> int:
 def sample_queries(model, num_queries: int, *, max_new_tokens: int = 96, temperature: float = 1.0,
                    top_p: float = 1.0, seed: int = 0, batch_size: int = 32,
                    min_chars: int = 12, max_rounds: int = 20,
-                   seen: Optional[Set[str]] = None, expected_yield: Optional[float] = None,
-                   counts: Optional[Dict[str, int]] = None) -> List[str]:
-  """Up to `num_queries` user messages sampled after the pre-query template, none of them
-  (normalized: `normalize_query`) in `seen` or repeated.
+                   seen: Optional[Set[str]] = None,
+                   expected_yield: Optional[float] = None) -> Tuple[List[str], int, int]:
+  """(queries, rows, found): up to `num_queries` user messages sampled after the pre-query
+  template, none of them (normalized: `normalize_query`) in `seen` or repeated; the rows
+  sampled and the new distinct queries found (before the cut to `num_queries`: the yield's
+  numerator).
 
   A sample counts when it ended with an end-of-turn token (not cut off by max_new_tokens),
   is at least `min_chars` long and new. Rounds run until enough or `max_rounds`; fewer come
@@ -118,8 +120,7 @@ def sample_queries(model, num_queries: int, *, max_new_tokens: int = 96, tempera
   `batch_size * 8` rows, or, given `expected_yield` (new queries per row, as the last shard
   measured), what that yield needs; a later round only what the last round's yield says is
   still missing (`_rows_for`): sampling is a third of a shard's time, and a full round for
-  the last few dozen queries wasted half of it. `counts`, if given, gets "rows" (sampled) and
-  "found" (new distinct queries, before the cut to `num_queries`).
+  the last few dozen queries wasted half of it.
   """
   prefix = pre_query_ids(model.tokenizer)
   seen = set(seen or ())
@@ -141,9 +142,7 @@ def sample_queries(model, num_queries: int, *, max_new_tokens: int = 96, tempera
     if len(queries) >= num_queries:
       break
     rows = _rows_for(num_queries - len(queries), (len(queries) - before) / rows, batch_size)
-  if counts is not None:  # found: before the cut to num_queries (the yield's numerator)
-    counts.update(rows=sampled, found=len(queries))
-  return queries[:num_queries]
+  return queries[:num_queries], sampled, len(queries)
 
 
 # --- the directory data set -------------------------------------------------------------------
@@ -362,11 +361,10 @@ def write_magpie(model, out_dir: str, *, target_tokens: int = 0, num_queries: in
     last = manifest["shards"][-1] if manifest["shards"] else {}
     # The last shard's yield sizes the first round (it falls as the data set grows).
     expected = last.get("query_yield")
-    counts: Dict[str, int] = {}
-    queries = sample_queries(model, n, max_new_tokens=query_tokens, temperature=temperature,
-                             top_p=top_p, seed=s_seed, batch_size=batch_size,
-                             min_chars=min_chars, max_rounds=max_rounds, seen=seen,
-                             expected_yield=expected, counts=counts)
+    queries, rows, found = sample_queries(
+        model, n, max_new_tokens=query_tokens, temperature=temperature, top_p=top_p,
+        seed=s_seed, batch_size=batch_size, min_chars=min_chars, max_rounds=max_rounds,
+        seen=seen, expected_yield=expected)
     if not queries:
       log.warning("magpie: the model wrote no new question in %d rounds of %d samples; "
                   "stopping (raise --query-tokens or lower --min-chars)", max_rounds,
@@ -385,8 +383,7 @@ def write_magpie(model, out_dir: str, *, target_tokens: int = 0, num_queries: in
     os.replace(tmp, fpath)
     answered = {k for rec in records for k in _record_queries(rec)}
     entry = {"file": fname, "index": index, "seed": s_seed, "queries": len(queries),
-             "query_rows": counts["rows"],
-             "query_yield": round(counts["found"] / max(counts["rows"], 1), 4),
+             "query_rows": rows, "query_yield": round(found / max(rows, 1), 4),
              "conversations": stats["conversations"],
              "answer_tokens": int(stats.get("new_tokens", 0)), "sha256": file_sha256(fpath),
              "bytes": os.path.getsize(fpath), "query_seconds": round(t1 - t0, 3),
