@@ -14,7 +14,7 @@ from jax.experimental.compilation_cache import compilation_cache
 
 from hydra_jax.registry import embedded
 from hydra_jax.tools import testing
-from hydra_jax.training.config_base import REPO_ROOT
+from hydra_jax.registry.paths import REPO_ROOT
 
 MODEL_KW = dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                 max_position_embeddings=128, vocab_size=512, seed=0)

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from hydra_jax.registry import embedded
-from hydra_jax.training.config_base import REPO_ROOT
+from hydra_jax.registry.paths import REPO_ROOT
 
 TRAIN = os.path.join(REPO_ROOT, "train.py")
 DECODE = os.path.join(REPO_ROOT, "decode.py")

@@ -17,8 +17,9 @@ from ml_collections import config_flags
 from hydra_jax.model import llama
 from hydra_jax.model.heads import HeadsConfig, init_heads
 from hydra_jax.training import config_base
+from hydra_jax.registry.paths import REPO_ROOT
 
-REPO = config_base.REPO_ROOT
+REPO = REPO_ROOT
 PRESETS = sorted(glob.glob(os.path.join(REPO, "configs", "[a-z]*.py")))
 # The big presets (BASE_MODELS bases); tiny_cpu, embedded_* and smollm2_* run real small
 # models (smollm2_* would download SmolLM2: test_smollm2_recipes_differ_only_in_the_heads).

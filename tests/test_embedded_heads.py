@@ -50,7 +50,7 @@ def test_training_split_excludes_the_held_out_text():
 
 def test_configs_train_on_self_distilled_training_split(tmp_path, monkeypatch):
   """The three configs share one recipe on the base's greedy replies to TRAINING speeches."""
-  from hydra_jax.training.config_base import REPO_ROOT
+  from hydra_jax.registry.paths import REPO_ROOT
   import importlib.util
   monkeypatch.setenv("HYDRA_CACHE", str(tmp_path))
 

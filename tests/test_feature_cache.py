@@ -19,7 +19,7 @@ from hydra_jax.checkpoint.heads_io import load_heads
 from hydra_jax.model.llama import LlamaModel
 from hydra_jax.parallel import sharding
 from hydra_jax.training import feature_cache, metrics_log, step
-from hydra_jax.training.config_base import REPO_ROOT
+from hydra_jax.registry.paths import REPO_ROOT
 from hydra_jax.training.errors import ConfigError
 from hydra_jax.training.trainer import train_and_evaluate
 

@@ -11,7 +11,7 @@ import pytest
 
 import _tiny_run as tr
 from hydra_jax.registry import embedded
-from hydra_jax.training.config_base import REPO_ROOT
+from hydra_jax.registry.paths import REPO_ROOT
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")

@@ -14,7 +14,7 @@ import pytest
 
 from hydra_jax.checkpoint.heads_io import load_heads
 from hydra_jax.training import checkpointing, metrics_log
-from hydra_jax.training.config_base import REPO_ROOT
+from hydra_jax.registry.paths import REPO_ROOT
 from hydra_jax.training.trainer import train_and_evaluate
 
 import _tiny_run as tr

@@ -20,7 +20,11 @@ from __future__ import annotations
 
 import os
 
+from hydra_jax.registry.paths import REPO_ROOT
 from hydra_jax.training.config_base import base_config
+
+# The Magpie data set of the SmolLM2 heads (a clone's data/, not in a wheel).
+SMOLLM2_DATA = os.path.join(REPO_ROOT, "data", "smollm2_magpie")
 
 KINDS = {
     # kind: (arch, blocks per head, dropout, loss)
@@ -69,7 +73,7 @@ def smollm2(kind: str, num_steps: int = 160):
   template's pre-query prefix and answers them greedily; MT-Bench is never used. From the
   repository root (one CPU core: ~30 min for Hydra++; runs resume), then ship the heads (bf16):
     python -m hydra_jax.training.magpie --model smollm2 --target-tokens 500000 \
-        --out ~/.cache/hydra_jax/smollm2_magpie_v2      # once, for all three kinds; resumable
+        --out data/smollm2_magpie      # once, for all three kinds; resumable
     python train.py --config configs/smollm2_KIND.py --workdir /work/smollm2_heads/KIND
     python -m hydra_jax.registry.models ship-heads smollm2 /work/smollm2_heads/KIND/heads KIND
   The shipped heads were trained on smollm2_magpie_v1.jsonl: 480 queries (90,684 answer
@@ -77,7 +81,6 @@ def smollm2(kind: str, num_steps: int = 160):
   replaced; train on such a file with HYDRA_SMOLLM2_DATA=FILE.jsonl.
   Results: hydra_jax/assets/smollm2/heads/README.md.
   """
-  from hydra_jax.registry import models
   c = base_config()
   c.model_path = "smollm2"  # a registry name: the trainer prepares it, loading this config does not
   c.base_name = "smollm2-135m-instruct"
@@ -86,8 +89,9 @@ def smollm2(kind: str, num_steps: int = 160):
   c.heads.draft_vocab_size = 4096
   c.data.source = "sharegpt"
   # A directory: its shard-*.jsonl in order (data.expand_paths).
-  c.data.path = os.environ.get("HYDRA_SMOLLM2_DATA") or os.path.join(
-      models.cache_root(), "smollm2_magpie_v2")
+  # In the repository, not the cache: the data set is ~2.8 h of 2-core CPU to write and a
+  # machine reset lost a cached copy once; committed shards survive any machine.
+  c.data.path = os.environ.get("HYDRA_SMOLLM2_DATA") or SMOLLM2_DATA
   c.data.missing_hint = ("write the Magpie conversations first with `python -m "
                          "hydra_jax.training.magpie --model smollm2 --target-tokens 500000 "
                          f"--out {c.data.path}` (resumable: rerun it to continue)")

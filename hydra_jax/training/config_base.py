@@ -14,7 +14,6 @@ counts with `jax.eval_shape` without having the weights.
 from __future__ import annotations
 
 import difflib
-import os
 from typing import Any, Dict, List, Mapping, Optional
 
 import ml_collections
@@ -22,7 +21,6 @@ import ml_collections
 from hydra_jax.model.config import ModelConfig
 from hydra_jax.training.errors import ConfigError
 
-REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 # Published architectures (config.json of each checkpoint). Vicuna v1.3 is Llama-1 based.
 BASE_MODELS = {

@@ -10,10 +10,10 @@ embeddings are a table lookup and the Hydra++ teacher is the base's LM head over
 state (over the draft vocabulary where the heads use one), so both stay in the step.
 
     python -m hydra_jax.training.feature_cache --config configs/smollm2_hydra_pp.py \
-        --out ~/.cache/hydra_jax/features/smollm2_magpie_v1 [--config.FIELD=V ...] \
+        --out ~/.cache/hydra_jax/features/smollm2_magpie [--config.FIELD=V ...] \
         [--dtype bfloat16|float32] [--shard_rows N]
     python train.py --config configs/smollm2_hydra_pp.py --workdir W \
-        --config.data.feature_cache=~/.cache/hydra_jax/features/smollm2_magpie_v1
+        --config.data.feature_cache=~/.cache/hydra_jax/features/smollm2_magpie
 
 The cache depends on the base (weights and train.base_dtype), the tokenizer, the data
 section, seq_len and seed (the held-out split): every head kind trained with those shares

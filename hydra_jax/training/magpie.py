@@ -6,7 +6,7 @@ message; answered greedily by the same model, those pairs are conversations draw
 distribution the model itself expects, which is what its draft heads will face at decode time.
 
     python -m hydra_jax.training.magpie --model smollm2 --target-tokens 500000 \\
-        --out ~/.cache/hydra_jax/smollm2_magpie_v2
+        --out data/smollm2_magpie
 
 The output is a directory data set, written shard by shard so that a run that stops keeps
 every finished shard and the same command (in this or a later session) continues it:
