@@ -5,7 +5,8 @@ embeddings of its path), 4 heads x 1 block, hard labels.
 The heads share the base's LM head over a 4,096-token draft vocabulary.
 
 Data, budget and the run: hydra_jax.recipes.shipped_heads.smollm2 (shared by the three kinds):
-  python train.py --config configs/smollm2_hydra.py --workdir /work/smollm2_heads/hydra
+  python train.py --config configs/smollm2_hydra.py --workdir /work/smollm2_heads/hydra \
+      --config.data.feature_cache=~/.cache/hydra_jax/features/smollm2_magpie
 """
 
 from hydra_jax.recipes import shipped_heads

@@ -5,7 +5,8 @@ distillation from the base.
 The heads share the base's LM head over a 4,096-token draft vocabulary.
 
 Data, budget and the run: hydra_jax.recipes.shipped_heads.smollm2 (shared by the three kinds):
-  python train.py --config configs/smollm2_hydra_pp.py --workdir /work/smollm2_heads/hydra_pp
+  python train.py --config configs/smollm2_hydra_pp.py --workdir /work/smollm2_heads/hydra_pp \
+      --config.data.feature_cache=~/.cache/hydra_jax/features/smollm2_magpie
 """
 
 from hydra_jax.recipes import shipped_heads
