@@ -62,7 +62,10 @@ def embedded(kind: str, num_steps: int = 300):
   c.global_batch_size = 8
   # 300 steps x 8 x 256 tokens = 614k tokens, 1.2 epochs of the self-distilled data; the
   # warmup was fixed at 50 steps when the shipped heads were trained.
-  _cpu_run(c, num_steps, lr=2e-3, warmup_steps=50)
+  _f32_single_device(c, lr=2e-3, warmup_steps=50)
+  c.num_steps = num_steps
+  c.checkpoint_every = 25  # ~10 min of CPU between checkpoints (runs resume)
+  c.eval_every = 0  # evaluate at the end only (saves CPU time)
   return c
 
 
@@ -105,7 +108,8 @@ def smollm2(kind: str, num_epochs: int = 10):
   c.global_batch_size = 4
   # 10 epochs of 608 steps (2,432 training rows of 4 x 384 tokens): the held-out top-1 and
   # predicted accept length still rose at epoch 10 for every kind (the model card's table).
-  _cpu_run(c, 0, lr=1e-3, warmup_steps=16)
+  _f32_single_device(c, lr=1e-3, warmup_steps=16)
+  c.num_steps = 0  # num_epochs decides
   c.num_epochs = num_epochs
   c.eval_every = 608  # every epoch of data/smollm2_magpie
   c.eval_batches = 0  # all 128 held-out conversations
@@ -113,19 +117,17 @@ def smollm2(kind: str, num_epochs: int = 10):
   return c
 
 
-def _cpu_run(c, num_steps: int, lr: float, warmup_steps: int = 0) -> None:
-  """A short run on a CPU: f32, one device, evaluation at the end."""
+def _f32_single_device(c, lr: float, warmup_steps: int) -> None:
+  """What both bases' runs share: f32, one device (or a data-parallel mesh), AdamW with a short
+  warmup and a cosine to 0.33 x lr; the step / epoch budget and checkpoints are the caller's."""
   c.train.base_dtype = "float32"
   c.train.compute_dtype = "float32"
   c.train.logits_chunk = 128
   c.optimizer.lr = lr  # above the recipe's 5e-4: hundreds of steps, not thousands
-  c.optimizer.warmup_steps = warmup_steps or max(num_steps // 12, 10)
+  c.optimizer.warmup_steps = warmup_steps
   c.optimizer.final_lr_multiplier = 0.33
   c.optimizer.clip_norm = 1.0
-  c.num_steps = num_steps
   c.mesh_shape = (1, -1, 1)
-  c.checkpoint_every = 25  # ~10 min of CPU between checkpoints (runs resume)
   c.keep_checkpoints = 1
-  c.eval_every = 0  # evaluate at the end only (saves CPU time)
   c.eval_tree = "mc_sim_7b_63"  # tree for the predicted accept length
   c.log_every = 10
