@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from hydra_jax.decoding import api
-from hydra_jax.decoding.tie_check import CHUNK_MAX, TIE_FACTOR, TieChecker
+from hydra_jax.decoding.tie_check import CHUNK_SIZES, TIE_FACTOR, TieChecker
 from hydra_jax.model.heads import HeadsConfig, init_heads
 from hydra_jax.tools.bench import first_difference
 from hydra_jax.tools.testing import make_hf_model
@@ -82,14 +82,14 @@ def _runner_up_at_a_sure_position(checker, prompt, output_ids):
 def test_a_wrong_token_is_a_real_mismatch(setup, dtype):
   model = setup["model"] if dtype == "bfloat16" else api.load_model(
       setup["path"], dtype=dtype, tokenizer=False)
-  # Chunks up to 4 tokens (not CHUNK_MAX): each size compiles once, and none may reproduce.
-  checker = TieChecker(model.config, model.params, dtype, chunk_max=4)
+  # Chunks of 2-4 tokens (not CHUNK_SIZES): each size compiles once, and none may reproduce.
+  checker = TieChecker(model.config, model.params, dtype, chunk_sizes=(2, 4))
   prompt = setup["prompts"][0]
   ar = (setup["ar"][0] if dtype == "bfloat16" else
         api.generate(model, [prompt], NEW_TOKENS, mode="ar", stop_ids=[])[0])
   p, runner_up = _runner_up_at_a_sure_position(checker, prompt, ar.output_ids)
   wrong = list(ar.output_ids[:p]) + [runner_up]
-  d = checker.classify(prompt, ar.output_ids, wrong, p)
+  d = checker.classify(prompt, ar.output_ids, wrong, p, verify_tokens=3)
   assert (d.position, d.ar_token, d.spec_token) == (p, ar.output_ids[p], runner_up)
   assert d.gap == pytest.approx(d.top2_margin) and d.gap > 0
   assert not d.tie and d.gap > TIE_FACTOR * d.rounding
@@ -123,8 +123,23 @@ def test_chunked_decode_is_the_full_forward_in_f32(setup):
   tokens = np.zeros((1, 128), np.int32)
   tokens[0, :len(prefix)] = prefix
   full = np.asarray(checker._run(checker.params, tokens, len(prefix) - 1))
-  for k in (1, 3, 7, CHUNK_MAX, 20):
+  for k in (1, 3, 7, max(CHUNK_SIZES), 20):
     np.testing.assert_allclose(checker.chunked_logits(len(prompt), prefix, k), full, atol=2e-4,
                                err_msg=str(k))
   with pytest.raises(ValueError, match="chunk size 21"):
     checker.chunked_logits(len(prompt), prefix, 21)
+
+
+def test_the_reproduction_tries_the_verify_size_first_and_a_bounded_few():
+  """One compile per chunk size: the method's own verify size first (the row count that
+  picked the speculative token), then CHUNK_SIZES, never k = 1 (that is AR) nor past the
+  generated tokens, each once."""
+  checker = TieChecker.__new__(TieChecker)  # sizes only: no model needed
+  checker.chunk_sizes = CHUNK_SIZES
+  assert checker.reproduction_sizes(100, verify_tokens=5) == [5, 2, 4, 8, 16]
+  assert checker.reproduction_sizes(100, verify_tokens=8) == [8, 2, 4, 16]
+  assert checker.reproduction_sizes(100, verify_tokens=64) == [64, 2, 4, 8, 16]
+  assert checker.reproduction_sizes(6, verify_tokens=8) == [2, 4]
+  assert checker.reproduction_sizes(100, verify_tokens=1) == [2, 4, 8, 16]
+  assert checker.reproduction_sizes(1) == []
+  assert len(checker.reproduction_sizes(10 ** 6, verify_tokens=7)) <= len(CHUNK_SIZES) + 1

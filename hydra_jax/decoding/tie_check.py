@@ -25,9 +25,14 @@ forward's logits (an accepted draft equals it, and so does the bonus). The rule:
   or reproduced (not in f32): `rounding` is one forward's estimate and can come out low. So
             a difference outside 4x is also a tie when a plain causal bf16 decode of the
             verify's shape picks the speculative token: the generated tokens forwarded k at a
-            time over the KV cache (k = 2 .. CHUNK_MAX, the verify's token counts; the same
-            attention path as tree verification; k = 1 is autoregressive decoding itself, which
-            picked the AR token, so it is not tried).
+            time over the KV cache (the same attention path as tree verification). k is first
+            the method's own verify size (its tree's node count: the row count of the forward
+            that picked the speculative token), then each of CHUNK_SIZES (2, 4, 8, 16: one per
+            row-count class seen so far; k = 1 is autoregressive decoding itself, which picked
+            the AR token, so it is not tried). Each k is a compile per padded length, which
+            accelerators pay dearly for: the earlier k = 2 .. 16 was fifteen of them per
+            padded length, the likely (unconfirmed) reason a 30-turn bf16 bench on an H200
+            ran past its time limit.
             Then s is the argmax of a correctly computed bf16 decode, which is what a tie
             means; a wrong token is not reproduced (tests/test_tie_check.py), and the chunked
             decode equals the full forward in f32. Measured on SmolLM2 in bf16 (AMD EPYC, one
@@ -41,7 +46,7 @@ Legend: T sequence length (padded), V vocab.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -54,7 +59,10 @@ from hydra_jax.model.masks import cache_causal_mask
 PAD_TO = 128  # prefixes are padded to a multiple of this: one compile per bucket, not per length
 ROUNDING_TOP = 8  # the logits whose rounding is measured: the contenders at p
 TIE_FACTOR = 4.0  # |gap| <= TIE_FACTOR * rounding is a tie (the module docstring says why)
-CHUNK_MAX = 16  # chunk sizes tried by the reproduction: up to the biggest fitted trees
+# Chunk sizes the reproduction tries after the method's own verify size: one per row-count
+# class of the kernels seen (XLA:CPU bf16: 2-7 and 8-16 round apart), up to the biggest
+# fitted trees. One compile each per padded length, so a few, not every size.
+CHUNK_SIZES = (2, 4, 8, 16)
 
 
 @dataclasses.dataclass
@@ -76,9 +84,9 @@ class TieChecker:
   """Classifies differences for one model (params in the run's dtype); jitted forwards are
   kept per padded length."""
 
-  def __init__(self, cfg, params, dtype, chunk_max: int = CHUNK_MAX):
+  def __init__(self, cfg, params, dtype, chunk_sizes: Sequence[int] = CHUNK_SIZES):
     self.dtype = jnp.dtype(dtype)
-    self.chunk_max = chunk_max  # the reproduction's largest chunk (one compile per size)
+    self.chunk_sizes = tuple(chunk_sizes)  # tried after the verify size (one compile each)
     self.params = params
     self._params_f32 = None  # made on the first bf16 difference: most runs have none
     run = LlamaModel(cfg, dtype=self.dtype, param_dtype=self.dtype)
@@ -119,9 +127,11 @@ class TieChecker:
                             static_argnums=4)
 
   def classify(self, prompt_ids: Sequence[int], ar_ids: Sequence[int],
-               spec_ids: Sequence[int], position: int) -> Optional[Difference]:
+               spec_ids: Sequence[int], position: int,
+               verify_tokens: Optional[int] = None) -> Optional[Difference]:
     """The difference at `position` (the first where ar_ids and spec_ids differ); None where
-    one output merely stopped earlier (no token to compare)."""
+    one output merely stopped earlier (no token to compare). `verify_tokens`: the tokens one
+    verify forward of the method takes (its tree's nodes), the reproduction's first k."""
     if position >= len(ar_ids) or position >= len(spec_ids):
       return None
     prefix = list(prompt_ids) + list(ar_ids[:position])
@@ -145,12 +155,17 @@ class TieChecker:
     tie = abs(gap) <= TIE_FACTOR * rounding
     reproduced = None
     if not tie and self.dtype != jnp.float32:
-      # From k = 2: k = 1 is the AR decode that picked a (chunked_logits docstring).
-      reproduced = next((k for k in range(2, min(self.chunk_max, position) + 1) if int(
+      reproduced = next((k for k in self.reproduction_sizes(position, verify_tokens) if int(
           np.argmax(self.chunked_logits(len(prompt_ids), prefix, k))) == s), None)
     return Difference(position=position, ar_token=a, spec_token=s, gap=gap, top2_margin=margin,
                       rounding=rounding, tie=tie or reproduced is not None,
                       reproduced_by_chunk=reproduced)
+
+  def reproduction_sizes(self, position: int, verify_tokens: Optional[int] = None) -> List[int]:
+    """The chunk sizes tried at `position`, in order: the verify size, then CHUNK_SIZES; from
+    k = 2 (k = 1 is the AR decode that picked the AR token) up to the generated tokens."""
+    sizes = ([verify_tokens] if verify_tokens else []) + list(self.chunk_sizes)
+    return [k for i, k in enumerate(sizes) if 2 <= k <= position and k not in sizes[:i]]
 
   def chunked_logits(self, prompt_len: int, prefix: Sequence[int], k: int) -> np.ndarray:
     """Next-token logits after `prefix` (prompt + generated tokens), the generated part
@@ -167,4 +182,4 @@ class TieChecker:
                                     jnp.int32(generated // k), k), np.float64)
 
 
-__all__ = ["CHUNK_MAX", "Difference", "TIE_FACTOR", "TieChecker"]
+__all__ = ["CHUNK_SIZES", "Difference", "TIE_FACTOR", "TieChecker"]

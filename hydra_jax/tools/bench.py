@@ -205,7 +205,7 @@ def method_metrics(m: Method, ar: Method, tie_checker=None) -> Dict[str, Any]:
     if at is not None:
       diff = {"turn": turn + 1, "prompt": i, "position": at, "tie": False}
       judged = tie_checker and tie_checker.classify(base.prompt_ids, base.output_ids,
-                                                    r.output_ids, at)
+                                                    r.output_ids, at, m.tree.num_nodes)
       if judged:
         diff.update(judged.to_json())
       mismatches.append(diff)
@@ -280,8 +280,8 @@ def markdown_table(rows: List[Dict[str, Any]], setup: Dict[str, Any]) -> str:
               "speculative tokens' logits at p differ by at most 4x the logits' own rounding "
               "there (max |logit - f32 logit| over the top tokens, same weights: two forwards "
               "each that far from f32 can rank the pair apart), or when a plain bf16 decode of "
-              "the verify's shape (the generated tokens forwarded k <= 16 at a time over the KV "
-              "cache) picks the speculative token too; in f32 every difference is real.", "",
+              "the verify's shape (the generated tokens forwarded k at a time over the KV cache, "
+              "k = the tree's nodes, then 2, 4, 8, 16) picks the speculative token too; in f32 every difference is real.", "",
               "| method | outputs | identical | differ at ties | of those by a chunked decode | "
               "real mismatches | first (p, gap, rounding) |", "|---|---|---|---|---|---|---|"]
     for r in rows[1:]:
@@ -453,7 +453,13 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
   from hydra_jax.decoding.tie_check import TieChecker
   checker = TieChecker(model.config, model.params, args.dtype)
-  rows = [method_metrics(m, methods[0], checker) for m in methods]
+  rows = []
+  for m in methods:
+    t0 = time.perf_counter()
+    rows.append(method_metrics(m, methods[0], checker))
+    if rows[-1]["num_mismatches"]:  # each judged difference is a forward or a few compiles
+      log.info("tie check %s: %d differing outputs judged in %.1fs", m.name,
+               rows[-1]["num_mismatches"], time.perf_counter() - t0)
   finish_speedups(rows)
   setup = {
       "model": args.model, "dtype": args.dtype, "prompts": args.prompts,
