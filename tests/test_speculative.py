@@ -21,7 +21,7 @@ from hydra_jax.decoding.sampling import SamplingParams
 from hydra_jax.decoding.state import STOP, StopCriteria
 from hydra_jax.decoding.tree import compile_tree, load_tree
 from hydra_jax.model.heads import HeadsConfig, init_heads, DraftHeads
-from hydra_jax.model.llama import LlamaModel
+from hydra_jax.model.llama import TIED_HEAD_COPY, LlamaModel, with_tied_head_copy
 from hydra_jax.tools.testing import make_hf_model, perturb_params
 
 
@@ -125,6 +125,34 @@ def test_lossless_with_real_heads(bases, model_type, arch, tree_name, batch, lm)
   refs = [_hf_greedy(torch_model, p, n) for p in prompts]
   st, outs = _run(hm, cfg, params, load_tree(tree_name, num_heads=4), prompts, n)
   assert outs == refs
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_tied_lm_head_copy_gives_the_same_logits(bases, dtype):
+  """On a CPU the engine hands a tied model an [E, V] copy of its embedding (a faster XLA:CPU
+  GEMM layout for products of >= 2 rows, LlamaModel.logits), made once per set of weights: the
+  logits of one row (the tied head) and of many rows (the copy) are those of the tied head."""
+  _, hm = bases("qwen2")  # tied
+  cfg, _ = _heads(hm, "hydra")
+  tree = load_tree("greedy_7", num_heads=4)
+  engine = DecodeEngine(hm.config, jnp.float32, cfg, tree)
+  on_cpu = jax.default_backend() == "cpu"
+  assert engine.copy_tied_head == on_cpu
+  assert not DecodeEngine(bases("llama")[1].config).copy_tied_head  # untied: nothing to copy
+  copy = engine.run_params(hm.params)
+  if on_cpu:
+    np.testing.assert_array_equal(copy[TIED_HEAD_COPY],
+                                  np.asarray(hm.params["embed_tokens"]["embedding"]).T)
+    assert engine.run_params(hm.params) is copy  # made once per set of weights
+  assert engine.run_params(copy) is copy
+  params = jax.tree_util.tree_map(lambda x: x.astype(dtype), hm.params)
+  model = LlamaModel(hm.config, dtype=dtype, param_dtype=dtype)
+  logits = jax.jit(lambda p, t: model.apply({"params": p}, t, jnp.arange(t.shape[1])[None])[0])
+  for t in (1, 8):
+    tokens = jnp.asarray(np.random.default_rng(t).integers(0, 256, (1, t)), jnp.int32)
+    tied, copied = logits(params, tokens), logits(with_tied_head_copy(hm.config, params), tokens)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(copied, tied, rtol=tol, atol=tol)
 
 
 def _leaf(tree, i):

@@ -39,7 +39,7 @@ from hydra_jax.decoding.sampling import SamplingParams
 from hydra_jax.decoding.state import BatchOutput, StopCriteria
 from hydra_jax.model.config import ModelConfig
 from hydra_jax.model.heads import HeadsConfig
-from hydra_jax.model.llama import LlamaModel
+from hydra_jax.model.llama import TIED_HEAD_COPY, LlamaModel, with_tied_head_copy
 from hydra_jax.parallel import mesh as decode_mesh
 
 # Incremented when a loop is TRACED, i.e. on every (re)compile; tests read it.
@@ -81,6 +81,11 @@ class DecodeEngine:
       drafter_factory = dynamic_drafter  # the topology is chosen in the loop, per step
     self.drafter_factory = drafter_factory
     self._compiled: Dict[Tuple, Any] = {}
+    # A tied LM head's [E, V] copy for multi-row products (LlamaModel.logits), on a CPU
+    # without a mesh: (the embedding it was made from, params with it).
+    self.copy_tied_head = (cfg.tie_word_embeddings and mesh is None
+                           and jax.default_backend() == "cpu")
+    self._with_copy: Tuple = (None, None)
     self.mesh = decode_mesh.make_decode_mesh(mesh)
     self.param_shardings = self.heads_shardings = None
     if self.mesh is not None:
@@ -217,6 +222,7 @@ class DecodeEngine:
           posterior_alpha: float = DEFAULT_POSTERIOR_ALPHA) -> BatchOutput:
     """Prefill + decode one padded batch (heads_params None without heads)."""
     self._check_params(params)
+    params = self.run_params(params)
     accept_params = AcceptParams.make(sampling, posterior_threshold, posterior_alpha)
     host = (np.asarray(tokens_BxP, np.int32), np.asarray(lengths_B, np.int32),
             np.asarray(active_B, bool), np.asarray(row_ids_B, np.int32),
@@ -247,6 +253,17 @@ class DecodeEngine:
                                       dtype=object),
           "accepted_per_step": np.asarray(per_step + [None], dtype=object)[:-1]}
     return result
+
+  def run_params(self, params):
+    """The base params the jitted prefill and loop take: with a tied LM head's [E, V] copy
+    where `copy_tied_head` (made here, outside jit, once per set of weights), else as given."""
+    if not self.copy_tied_head or TIED_HEAD_COPY in params:
+      return params
+    embedding, with_copy = self._with_copy
+    if embedding is not params["embed_tokens"]["embedding"]:
+      with_copy = jax.block_until_ready(with_tied_head_copy(self.cfg, params))
+      self._with_copy = (params["embed_tokens"]["embedding"], with_copy)
+    return with_copy
 
   def _placed_args(self, params, heads_params, host, accept_params, stop):
     """Everything `run` passes, laid out on the mesh (params kept when already placed)."""
