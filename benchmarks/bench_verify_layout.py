@@ -7,7 +7,8 @@
 On a CPU the decode engine hands a tied model an [E, V] copy of its embedding, made once per
 set of weights outside jit (`DecodeEngine.run_params`), and `LlamaModel.logits` reads it for
 products of two or more rows (a verify forward, a batch, a bf16 row computed twice): XLA:CPU's
-GEMM reads that layout much faster, while the one-row f32 GEMV reads the embedding as it lies.
+GEMM reads that layout much faster, while the one-row f32 GEMV reads the embedding as it lies
+(so f32 autoregressive decoding gets no copy; this script forces it on and off everywhere).
 This times the autoregressive step and one speculative step per tree both ways, side by side
 (the engine's own loop bodies, `step_timing`: every step on the same cached context,
 candidates interleaved, median of --repeats). Trees: `auto` (the heads' fitted tree for the

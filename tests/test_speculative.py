@@ -139,6 +139,8 @@ def test_tied_lm_head_copy_gives_the_same_logits(bases, dtype):
   on_cpu = jax.default_backend() == "cpu"
   assert engine.copy_tied_head == on_cpu
   assert not DecodeEngine(bases("llama")[1].config).copy_tied_head  # untied: nothing to copy
+  assert not DecodeEngine(hm.config).copy_tied_head  # f32 AR: one row, the embedding itself
+  assert DecodeEngine(hm.config, jnp.bfloat16).copy_tied_head == on_cpu  # bf16 rows are two
   copy = engine.run_params(hm.params)
   if on_cpu:
     np.testing.assert_array_equal(copy[TIED_HEAD_COPY],

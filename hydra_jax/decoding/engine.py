@@ -82,9 +82,12 @@ class DecodeEngine:
     self.drafter_factory = drafter_factory
     self._compiled: Dict[Tuple, Any] = {}
     # A tied LM head's [E, V] copy for multi-row products (LlamaModel.logits), on a CPU
-    # without a mesh: (the embedding it was made from, params with it).
+    # without a mesh, where some product has >= 2 rows: speculative verify, or bf16 rows
+    # (computed twice). f32 autoregressive decoding of one row never reads it, so it keeps
+    # none. `_with_copy`: (the embedding it was made from, params with it).
     self.copy_tied_head = (cfg.tie_word_embeddings and mesh is None
-                           and jax.default_backend() == "cpu")
+                           and jax.default_backend() == "cpu"
+                           and (self.speculative or self.dtype != jnp.float32))
     self._with_copy: Tuple = (None, None)
     self.mesh = decode_mesh.make_decode_mesh(mesh)
     self.param_shardings = self.heads_shardings = None
