@@ -21,7 +21,7 @@ Coverage is counted on two sets of base-model tokens:
             Spec-Bench JSONL a `hydra_jax.tools.bench` run wrote, e.g. on MT-Bench), re-encoded
             with the tokenizer (the decoded text of greedy tokens re-encodes to nearly the same
             ids).
-The ranking is recounted here from `--data` the way `training.data.draft_vocabulary` ranks
+The ranking is recounted here from `--data` with the trainer's `training.data.rank_tokens`
 (count descending, then id) over the replies' tokens; where `--heads` has a draft vocabulary,
 the table says how much of it the recount's top-N shares.
 
@@ -41,7 +41,6 @@ them), R = 1 (a chain head) and 4 (a beam or tree level). Run it on a quiet mach
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import platform
@@ -60,7 +59,7 @@ def _parse(argv=None) -> argparse.Namespace:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--model", default="smollm2", help="a registry name or a model directory")
   p.add_argument("--heads", default=None, help="heads directory whose draft vocabulary to compare")
-  p.add_argument("--data", required=True, help="directory of Magpie / ShareGPT shard-*.jsonl")
+  p.add_argument("--data", required=True, help="conversations as train.py's data.path takes them (e.g. a Magpie directory)")
   p.add_argument("--outputs", nargs="*", default=[],
                  help="Spec-Bench JSONL of the base's greedy answers (held-out tokens)")
   p.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 0],
@@ -72,15 +71,19 @@ def _parse(argv=None) -> argparse.Namespace:
   return p.parse_args(argv)
 
 
-def reply_texts(data_dir: str) -> List[str]:
+def reply_texts(data_path: str) -> List[str]:
+  """The assistant turns of the conversations at `data_path` (what train.py's data.path
+  takes), read and validated as the trainer reads them; malformed records are skipped."""
+  from hydra_jax.training.data import read_json_records
+  from hydra_jax.training.templates import MalformedRecord, normalize_conversation
   texts = []
-  for path in sorted(glob.glob(os.path.join(data_dir, "shard-*.jsonl"))):
-    with open(path) as f:
-      for line in f:
-        conv = json.loads(line).get("conversations") or []
-        texts += [t["value"] for t in conv if t.get("from") in ("gpt", "assistant")]
+  for record in read_json_records(data_path):
+    try:
+      texts += [m["content"] for m in normalize_conversation(record) if m["role"] == "assistant"]
+    except MalformedRecord:
+      continue
   if not texts:
-    raise SystemExit(f"no assistant replies in {data_dir}/shard-*.jsonl")
+    raise SystemExit(f"no assistant replies in {data_path}")
   return texts
 
 
@@ -97,11 +100,6 @@ def answer_texts(paths: Sequence[str]) -> List[str]:
 def token_ids(tokenizer, texts: Sequence[str]) -> np.ndarray:
   ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
   return np.concatenate([np.asarray(x, np.int64) for x in ids if x])
-
-
-def ranking(tokens: np.ndarray, vocab_size: int) -> np.ndarray:
-  counts = np.bincount(tokens, minlength=vocab_size)[:vocab_size]
-  return np.lexsort((np.arange(vocab_size), -counts))  # count descending, then id
 
 
 def coverage(tokens: np.ndarray, vocab: np.ndarray, vocab_size: int) -> float:
@@ -174,7 +172,8 @@ def main(argv=None) -> None:
   train = token_ids(model.tokenizer, reply_texts(args.data))
   held = token_ids(model.tokenizer, answer_texts(args.outputs)) if args.outputs else np.zeros(
       [0], np.int64)
-  order = ranking(train, vocab_size)
+  from hydra_jax.training.data import rank_tokens
+  order = rank_tokens(train, vocab_size)
   shipped = None
   if args.heads:
     from hydra_jax.checkpoint.heads_io import read_heads_meta

@@ -130,9 +130,10 @@ def test_lossless_with_real_heads(bases, model_type, arch, tree_name, batch, lm)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_tied_lm_head_copy_gives_the_same_logits(bases, dtype):
   """On a CPU the engine hands a tied model an [E, V] copy of its embedding (a faster XLA:CPU
-  GEMM layout for products of >= 2 rows, LlamaModel.logits), made once per set of weights: the
-  logits of one row (the tied head) and of many rows (the copy) are those of the tied head."""
-  _, hm = bases("qwen2")  # tied
+  GEMM layout for products of >= 2 rows, LlamaModel.logits), made once per set of weights.
+  The reference: transformers' logits of the same tied model. Which rows read the copy is
+  checked with a zero copy: every product of >= 2 rows, and one row only in bf16."""
+  torch_model, hm = bases("qwen2")  # tied
   cfg, _ = _heads(hm, "hydra")
   tree = load_tree("greedy_7", num_heads=4)
   engine = DecodeEngine(hm.config, jnp.float32, cfg, tree)
@@ -145,16 +146,26 @@ def test_tied_lm_head_copy_gives_the_same_logits(bases, dtype):
   if on_cpu:
     np.testing.assert_array_equal(copy[TIED_HEAD_COPY],
                                   np.asarray(hm.params["embed_tokens"]["embedding"]).T)
-    assert engine.run_params(hm.params) is copy  # made once per set of weights
+    # made once per set of weights, for every engine that decodes them
+    again = DecodeEngine(hm.config, jnp.float32, cfg, tree).run_params(hm.params)
+    assert again[TIED_HEAD_COPY] is copy[TIED_HEAD_COPY]
   assert engine.run_params(copy) is copy
   params = jax.tree_util.tree_map(lambda x: x.astype(dtype), hm.params)
   model = LlamaModel(hm.config, dtype=dtype, param_dtype=dtype)
   logits = jax.jit(lambda p, t: model.apply({"params": p}, t, jnp.arange(t.shape[1])[None])[0])
+  tol = 1e-4 if dtype == jnp.float32 else 5e-2
   for t in (1, 8):
     tokens = jnp.asarray(np.random.default_rng(t).integers(0, 256, (1, t)), jnp.int32)
     tied, copied = logits(params, tokens), logits(with_tied_head_copy(hm.config, params), tokens)
-    tol = 1e-5 if dtype == jnp.float32 else 2e-2
-    np.testing.assert_allclose(copied, tied, rtol=tol, atol=tol)
+    np.testing.assert_allclose(copied, tied, rtol=1e-5 if dtype == jnp.float32 else 2e-2,
+                               atol=1e-5 if dtype == jnp.float32 else 2e-2)
+    with torch.no_grad():
+      ref = torch_model(torch.tensor(np.asarray(tokens))).logits.float().numpy()
+    np.testing.assert_allclose(copied, ref, rtol=tol, atol=tol)
+    zero = logits({**params, TIED_HEAD_COPY: jnp.zeros_like(params["embed_tokens"]["embedding"].T)},
+                  tokens)
+    reads_copy = t > 1 or dtype != jnp.float32
+    assert bool(jnp.all(zero == 0)) == reads_copy, (t, dtype)
 
 
 def _leaf(tree, i):

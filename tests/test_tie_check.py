@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from hydra_jax.decoding import api
-from hydra_jax.decoding.tie_check import CHUNK_SIZES, TIE_FACTOR, TieChecker
+from hydra_jax.decoding.tie_check import (CHUNK_SIZES, TIE_FACTOR, TieChecker,
+                                          reproduction_sizes)
 from hydra_jax.model.heads import HeadsConfig, init_heads
 from hydra_jax.tools.bench import first_difference
 from hydra_jax.tools.testing import make_hf_model
@@ -134,12 +135,10 @@ def test_the_reproduction_tries_the_verify_size_first_and_a_bounded_few():
   """One compile per chunk size: the method's own verify size first (the row count that
   picked the speculative token), then CHUNK_SIZES, never k = 1 (that is AR) nor past the
   generated tokens, each once."""
-  checker = TieChecker.__new__(TieChecker)  # sizes only: no model needed
-  checker.chunk_sizes = CHUNK_SIZES
-  assert checker.reproduction_sizes(100, verify_tokens=5) == [5, 2, 4, 8, 16]
-  assert checker.reproduction_sizes(100, verify_tokens=8) == [8, 2, 4, 16]
-  assert checker.reproduction_sizes(100, verify_tokens=64) == [64, 2, 4, 8, 16]
-  assert checker.reproduction_sizes(6, verify_tokens=8) == [2, 4]
-  assert checker.reproduction_sizes(100, verify_tokens=1) == [2, 4, 8, 16]
-  assert checker.reproduction_sizes(1) == []
-  assert len(checker.reproduction_sizes(10 ** 6, verify_tokens=7)) <= len(CHUNK_SIZES) + 1
+  assert reproduction_sizes(100, verify_tokens=5) == [5, 2, 4, 8, 16]
+  assert reproduction_sizes(100, verify_tokens=8) == [8, 2, 4, 16]
+  assert reproduction_sizes(100, verify_tokens=64) == [64, 2, 4, 8, 16]
+  assert reproduction_sizes(6, verify_tokens=8) == [2, 4]
+  assert reproduction_sizes(100, verify_tokens=1) == [2, 4, 8, 16]
+  assert reproduction_sizes(1) == []
+  assert len(reproduction_sizes(10 ** 6, verify_tokens=7)) <= len(CHUNK_SIZES) + 1

@@ -39,7 +39,7 @@ from hydra_jax.decoding.sampling import SamplingParams
 from hydra_jax.decoding.state import BatchOutput, StopCriteria
 from hydra_jax.model.config import ModelConfig
 from hydra_jax.model.heads import HeadsConfig
-from hydra_jax.model.llama import TIED_HEAD_COPY, LlamaModel, with_tied_head_copy
+from hydra_jax.model.llama import LlamaModel, with_tied_head_copy
 from hydra_jax.parallel import mesh as decode_mesh
 
 # Incremented when a loop is TRACED, i.e. on every (re)compile; tests read it.
@@ -84,11 +84,10 @@ class DecodeEngine:
     # A tied LM head's [E, V] copy for multi-row products (LlamaModel.logits), on a CPU
     # without a mesh, where some product has >= 2 rows: speculative verify, or bf16 rows
     # (computed twice). f32 autoregressive decoding of one row never reads it, so it keeps
-    # none. `_with_copy`: (the embedding it was made from, params with it).
+    # none.
     self.copy_tied_head = (cfg.tie_word_embeddings and mesh is None
                            and jax.default_backend() == "cpu"
                            and (self.speculative or self.dtype != jnp.float32))
-    self._with_copy: Tuple = (None, None)
     self.mesh = decode_mesh.make_decode_mesh(mesh)
     self.param_shardings = self.heads_shardings = None
     if self.mesh is not None:
@@ -259,14 +258,8 @@ class DecodeEngine:
 
   def run_params(self, params):
     """The base params the jitted prefill and loop take: with a tied LM head's [E, V] copy
-    where `copy_tied_head` (made here, outside jit, once per set of weights), else as given."""
-    if not self.copy_tied_head or TIED_HEAD_COPY in params:
-      return params
-    embedding, with_copy = self._with_copy
-    if embedding is not params["embed_tokens"]["embedding"]:
-      with_copy = jax.block_until_ready(with_tied_head_copy(self.cfg, params))
-      self._with_copy = (params["embed_tokens"]["embedding"], with_copy)
-    return with_copy
+    where `copy_tied_head` (made outside jit, once per set of weights), else as given."""
+    return with_tied_head_copy(self.cfg, params) if self.copy_tied_head else params
 
   def _placed_args(self, params, heads_params, host, accept_params, stop):
     """Everything `run` passes, laid out on the mesh (params kept when already placed)."""

@@ -155,17 +155,12 @@ class TieChecker:
     tie = abs(gap) <= TIE_FACTOR * rounding
     reproduced = None
     if not tie and self.dtype != jnp.float32:
-      reproduced = next((k for k in self.reproduction_sizes(position, verify_tokens) if int(
+      sizes = reproduction_sizes(position, verify_tokens, self.chunk_sizes)
+      reproduced = next((k for k in sizes if int(
           np.argmax(self.chunked_logits(len(prompt_ids), prefix, k))) == s), None)
     return Difference(position=position, ar_token=a, spec_token=s, gap=gap, top2_margin=margin,
                       rounding=rounding, tie=tie or reproduced is not None,
                       reproduced_by_chunk=reproduced)
-
-  def reproduction_sizes(self, position: int, verify_tokens: Optional[int] = None) -> List[int]:
-    """The chunk sizes tried at `position`, in order: the verify size, then CHUNK_SIZES; from
-    k = 2 (k = 1 is the AR decode that picked the AR token) up to the generated tokens."""
-    sizes = ([verify_tokens] if verify_tokens else []) + list(self.chunk_sizes)
-    return [k for i, k in enumerate(sizes) if 2 <= k <= position and k not in sizes[:i]]
 
   def chunked_logits(self, prompt_len: int, prefix: Sequence[int], k: int) -> np.ndarray:
     """Next-token logits after `prefix` (prompt + generated tokens), the generated part
@@ -182,4 +177,12 @@ class TieChecker:
                                     jnp.int32(generated // k), k), np.float64)
 
 
-__all__ = ["CHUNK_SIZES", "Difference", "TIE_FACTOR", "TieChecker"]
+def reproduction_sizes(position: int, verify_tokens: Optional[int] = None,
+                       chunk_sizes: Sequence[int] = CHUNK_SIZES) -> List[int]:
+  """The chunk sizes tried at `position`, in order: the verify size, then `chunk_sizes`; from
+  k = 2 (k = 1 is the AR decode that picked the AR token) up to the generated tokens."""
+  sizes = ([verify_tokens] if verify_tokens else []) + list(chunk_sizes)
+  return [k for i, k in enumerate(sizes) if 2 <= k <= position and k not in sizes[:i]]
+
+
+__all__ = ["CHUNK_SIZES", "Difference", "TIE_FACTOR", "TieChecker", "reproduction_sizes"]

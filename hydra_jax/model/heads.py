@@ -52,7 +52,7 @@ import numpy as np
 
 from hydra_jax.model.config import ModelConfig
 from hydra_jax.model.kv_cache import KVCache
-from hydra_jax.model.llama import DecoderLayer, RMSNorm, dense, rope_tables
+from hydra_jax.model.llama import TIED_HEAD_COPY, DecoderLayer, RMSNorm, dense, rope_tables
 from hydra_jax.model.masks import causal_mask
 
 Dtype = Any
@@ -373,8 +373,11 @@ class DraftHeads(nn.Module):
 
 
 def base_lm_head_kernel(base_cfg: ModelConfig, base_params) -> jax.Array:
-  """The base model's LM head as [D, V] (the embedding transposed when tied)."""
+  """The base model's LM head as [D, V] (the embedding transposed when tied: the decode
+  engine's ready-made copy where it passed one, llama.TIED_HEAD_COPY)."""
   base_params = nn.meta.unbox(base_params)
+  if base_cfg.tie_word_embeddings and TIED_HEAD_COPY in base_params:
+    return jnp.asarray(base_params[TIED_HEAD_COPY])
   if base_cfg.tie_word_embeddings or "lm_head" not in base_params:
     return jnp.asarray(base_params["embed_tokens"]["embedding"]).T
   return jnp.asarray(base_params["lm_head"]["kernel"])

@@ -15,6 +15,7 @@ gate/up), H head dim, F mlp width, V vocab.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any, Optional, Tuple
 
 import flax.linen as nn
@@ -265,13 +266,24 @@ class DecoderLayer(nn.Module):
 
 # params key of a tied LM head's [E, V] copy (LlamaModel.logits); never saved or sharded.
 TIED_HEAD_COPY = "tied_lm_head_ExV"
+# id(embedding) -> (weak reference to it, its [E, V] copy): one copy per set of weights for
+# every engine that decodes them, dropped with the embedding (the copy does not reference it).
+_TIED_HEAD_COPIES: dict = {}
 
 
 def with_tied_head_copy(cfg: ModelConfig, params):
-  """params plus TIED_HEAD_COPY (the embedding transposed) for a tied model; else params."""
+  """params plus TIED_HEAD_COPY (the embedding transposed) for a tied model; else params.
+  Call it outside jit: the copy is made once per embedding array and cached while it lives."""
   if not cfg.tie_word_embeddings or TIED_HEAD_COPY in params:
     return params
-  return {**params, TIED_HEAD_COPY: jnp.transpose(params["embed_tokens"]["embedding"])}
+  embedding = params["embed_tokens"]["embedding"]
+  ref, copy = _TIED_HEAD_COPIES.get(id(embedding), (None, None))
+  if ref is None or ref() is not embedding:
+    copy = jax.block_until_ready(jnp.transpose(embedding))
+    key = id(embedding)
+    _TIED_HEAD_COPIES[key] = (weakref.ref(embedding, lambda _: _TIED_HEAD_COPIES.pop(key, None)),
+                              copy)
+  return {**params, TIED_HEAD_COPY: copy}
 
 
 class LlamaModel(nn.Module):

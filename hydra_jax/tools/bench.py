@@ -281,7 +281,8 @@ def markdown_table(rows: List[Dict[str, Any]], setup: Dict[str, Any]) -> str:
               "there (max |logit - f32 logit| over the top tokens, same weights: two forwards "
               "each that far from f32 can rank the pair apart), or when a plain bf16 decode of "
               "the verify's shape (the generated tokens forwarded k at a time over the KV cache, "
-              "k = the tree's nodes, then 2, 4, 8, 16) picks the speculative token too; in f32 every difference is real.", "",
+              "k = the tree's nodes, then 2, 4, 8, 16) picks the speculative token too; in f32 "
+              "every difference is real.", "",
               "| method | outputs | identical | differ at ties | of those by a chunked decode | "
               "real mismatches | first (p, gap, rounding) |", "|---|---|---|---|---|---|---|"]
     for r in rows[1:]:

@@ -482,9 +482,13 @@ def draft_vocabulary(train: "BatchIterator", vocab_size: int, size: int) -> Tupl
       a, b = rows.offsets[i], rows.offsets[i + 1]
       keep[a:b] = rows.masks[a:b] > 0
     tokens = rows.tokens[keep]
+  return tuple(int(i) for i in rank_tokens(tokens, vocab_size)[:size])
+
+
+def rank_tokens(tokens: np.ndarray, vocab_size: int) -> np.ndarray:
+  """All token ids by frequency in `tokens`, count descending, ties to the lower id."""
   counts = np.bincount(tokens, minlength=vocab_size)[:vocab_size]
-  order = np.lexsort((np.arange(vocab_size), -counts))  # count descending, then id
-  return tuple(int(i) for i in order[:size])
+  return np.lexsort((np.arange(vocab_size), -counts))
 
 
 def _count_targets(rows, indices: np.ndarray, seq_len: int) -> int:
