@@ -23,7 +23,9 @@ Differences of noisy timings can come out slightly negative; medians of interlea
 that small. Threads: "1" runs XLA:CPU on one thread (a child process with
 --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1), "default" as installed.
 
-Models: `embedded` is the shipped TinyShakespeare model with its shipped heads; `random50m`
+Models: `embedded` is the shipped TinyShakespeare model with its shipped heads, `smollm2`
+SmolLM2-135M-Instruct (`python -m hydra_jax.registry.models path smollm2` prepares it) with
+its shipped heads; `random50m`
 and `random150m` are random Llamas with random heads (weights do not change step costs).
 Trees: a number n is the n-token tree (root included) grown from the preset accuracy model
 (`tree.grow_tree`), or a preset name / JSON file; `auto` is each shipped heads' fitted tree;
@@ -56,7 +58,7 @@ def _parse(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--models", nargs="+", default=["embedded", "random50m", "random150m"],
-                 choices=["embedded"] + sorted(RANDOM_MODELS))
+                 choices=["embedded", "smollm2"] + sorted(RANDOM_MODELS))
   p.add_argument("--heads", nargs="+", default=list(KINDS), choices=list(KINDS))
   p.add_argument("--trees", nargs="+", default=["2", "8", "64"],
                  help="tree sizes (tokens per step), preset names, JSON files or auto")
@@ -211,11 +213,17 @@ def _candidates(args, name: str, dtype: str):
   from hydra_jax.decoding.api import load_draft_heads, load_model
   from hydra_jax.decoding.engine import DecodeEngine
   from hydra_jax.decoding.step_timing import steady_state_timer
-  model = (load_model(embedded.MODEL_DIR, dtype=dtype) if name == "embedded"
-           else _random_model(name, dtype))
-  if name == "embedded" and not (args.lm_head or args.draft_vocab):
-    heads = {k: (load_draft_heads(model, d), d) for k, d in embedded.heads_dirs().items()
-             if k in args.heads}
+  from hydra_jax.registry import models as registry
+  shipped = {"embedded": lambda: (embedded.MODEL_DIR, embedded.heads_dirs()),
+             "smollm2": lambda: (registry.model_path("smollm2"),
+                                 {k: registry.heads_path("smollm2", k) for k in KINDS})}
+  if name in shipped:
+    model_dir, heads_dirs = shipped[name]()
+    model = load_model(model_dir, dtype=dtype, tokenizer=False)
+  else:
+    model = _random_model(name, dtype)
+  if name in shipped and not (args.lm_head or args.draft_vocab):
+    heads = {k: (load_draft_heads(model, d), d) for k, d in heads_dirs.items() if k in args.heads}
   else:  # random heads with the asked-for LM-head options (step costs do not need weights)
     heads = {k: (_random_heads(model, k, args.lm_head, args.draft_vocab), None)
              for k in args.heads}

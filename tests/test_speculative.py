@@ -150,6 +150,8 @@ def test_tied_lm_head_copy_gives_the_same_logits(bases, dtype):
     again = DecodeEngine(hm.config, jnp.float32, cfg, tree).run_params(hm.params)
     assert again[TIED_HEAD_COPY] is copy[TIED_HEAD_COPY]
   assert engine.run_params(copy) is copy
+  # Sizing (abstract_args -> lower) traces what `run` passes, the copy included.
+  assert (TIED_HEAD_COPY in engine.abstract_args(1, 8)[0]) == on_cpu
   params = jax.tree_util.tree_map(lambda x: x.astype(dtype), hm.params)
   model = LlamaModel(hm.config, dtype=dtype, param_dtype=dtype)
   logits = jax.jit(lambda p, t: model.apply({"params": p}, t, jnp.arange(t.shape[1])[None])[0])

@@ -9,6 +9,7 @@ from our bf16 AR only at ties.
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -17,6 +18,7 @@ from hydra_jax.decoding import api
 from hydra_jax.decoding.tie_check import (CHUNK_SIZES, TIE_FACTOR, TieChecker,
                                           reproduction_sizes)
 from hydra_jax.model.heads import HeadsConfig, init_heads
+from hydra_jax.model.llama import TIED_HEAD_COPY
 from hydra_jax.tools.bench import first_difference
 from hydra_jax.tools.testing import make_hf_model
 
@@ -123,7 +125,7 @@ def test_chunked_decode_is_the_full_forward_in_f32(setup):
   prefix = prompt + list(setup["ar"][1].output_ids[:20])
   tokens = np.zeros((1, 128), np.int32)
   tokens[0, :len(prefix)] = prefix
-  full = np.asarray(checker._run(checker.params, tokens, len(prefix) - 1))
+  full = np.asarray(checker._run(checker.run_params, tokens, len(prefix) - 1))
   for k in (1, 3, 7, max(CHUNK_SIZES), 20):
     np.testing.assert_allclose(checker.chunked_logits(len(prompt), prefix, k), full, atol=2e-4,
                                err_msg=str(k))
@@ -142,3 +144,26 @@ def test_the_reproduction_tries_the_verify_size_first_and_a_bounded_few():
   assert reproduction_sizes(100, verify_tokens=1) == [2, 4, 8, 16]
   assert reproduction_sizes(1) == []
   assert len(reproduction_sizes(10 ** 6, verify_tokens=7)) <= len(CHUNK_SIZES) + 1
+
+
+def test_the_checks_forwards_round_as_the_verify_does_through_a_tied_head_copy(tmp_path):
+  """On a CPU a bf16 speculative verify computes a tied model's LM head through its [E, V]
+  copy (DecodeEngine.copy_tied_head); the checker's forwards, which stand for it, must read
+  the same copy (a zero copy zeroes their logits), its f32 reference the embedding."""
+  path = str(tmp_path / "tied")
+  make_hf_model(path, vocab_size=VOCAB, tie_word_embeddings=True, tokenizer=False)
+  model = api.load_model(path, dtype="bfloat16", tokenizer=False)
+  checker = TieChecker(model.config, model.params, "bfloat16", chunk_sizes=(2,))
+  if jax.default_backend() != "cpu":
+    assert checker.run_params is model.params
+    return
+  copy = checker.run_params[TIED_HEAD_COPY]
+  np.testing.assert_array_equal(np.asarray(copy),
+                                np.asarray(model.params["embed_tokens"]["embedding"]).T)
+  prefix = list(range(4, 20))
+  tokens = np.zeros((1, 128), np.int32)
+  tokens[0, :len(prefix)] = prefix
+  assert np.any(np.asarray(checker._run(checker.run_params, tokens, len(prefix) - 1)) != 0)
+  checker.run_params = {**checker.run_params, TIED_HEAD_COPY: jnp.zeros_like(copy)}
+  assert np.all(np.asarray(checker._run(checker.run_params, tokens, len(prefix) - 1)) == 0)
+  assert np.all(checker.chunked_logits(8, prefix, 2) == 0)

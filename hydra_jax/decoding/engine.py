@@ -39,7 +39,7 @@ from hydra_jax.decoding.sampling import SamplingParams
 from hydra_jax.decoding.state import BatchOutput, StopCriteria
 from hydra_jax.model.config import ModelConfig
 from hydra_jax.model.heads import HeadsConfig
-from hydra_jax.model.llama import LlamaModel, with_tied_head_copy
+from hydra_jax.model.llama import TIED_HEAD_COPY, LlamaModel, with_tied_head_copy
 from hydra_jax.parallel import mesh as decode_mesh
 
 # Incremented when a loop is TRACED, i.e. on every (re)compile; tests read it.
@@ -54,6 +54,16 @@ def _signature(tree) -> Tuple:
 def _shapes(tree):
   """Shapes and dtypes only (a trace's out_info also carries layouts)."""
   return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+def wants_tied_head_copy(cfg: ModelConfig, dtype, multi_row: bool, mesh=None) -> bool:
+  """Whether decoding should hand the model a tied LM head's [E, V] copy
+  (llama.with_tied_head_copy): on a CPU without a mesh, where some LM head product has >= 2
+  rows: `multi_row` (speculative verify, or any forward of several tokens), or bf16 (whose
+  one-row products are computed as two). f32 autoregressive decoding of one row never reads
+  it (XLA:CPU's GEMV is fastest on the embedding as it lies), so it keeps none."""
+  return bool(cfg.tie_word_embeddings and mesh is None and jax.default_backend() == "cpu"
+              and (multi_row or jnp.dtype(dtype) != jnp.float32))
 
 
 class DecodeEngine:
@@ -81,13 +91,7 @@ class DecodeEngine:
       drafter_factory = dynamic_drafter  # the topology is chosen in the loop, per step
     self.drafter_factory = drafter_factory
     self._compiled: Dict[Tuple, Any] = {}
-    # A tied LM head's [E, V] copy for multi-row products (LlamaModel.logits), on a CPU
-    # without a mesh, where some product has >= 2 rows: speculative verify, or bf16 rows
-    # (computed twice). f32 autoregressive decoding of one row never reads it, so it keeps
-    # none.
-    self.copy_tied_head = (cfg.tie_word_embeddings and mesh is None
-                           and jax.default_backend() == "cpu"
-                           and (self.speculative or self.dtype != jnp.float32))
+    self.copy_tied_head = wants_tied_head_copy(cfg, self.dtype, self.speculative, mesh)
     self.mesh = decode_mesh.make_decode_mesh(mesh)
     self.param_shardings = self.heads_shardings = None
     if self.mesh is not None:
@@ -201,6 +205,10 @@ class DecodeEngine:
     if params_shape is None:
       params_shape = jax.eval_shape(lambda: init_params(self.cfg, jax.random.PRNGKey(0),
                                                         self.dtype))
+    if self.copy_tied_head and TIED_HEAD_COPY not in params_shape:  # `run` passes it too
+      embedding = params_shape["embed_tokens"]["embedding"]
+      params_shape = {**params_shape, TIED_HEAD_COPY: jax.ShapeDtypeStruct(
+          embedding.shape[::-1], embedding.dtype)}
     i32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.int32)
     args = (params_shape, heads_params_shape, i32((batch, prompt_len)), i32((batch,)),
             jax.ShapeDtypeStruct((batch,), jnp.bool_), i32((batch,)),
@@ -283,4 +291,4 @@ class DecodeEngine:
                        f"config implies {(self.cfg.vocab_size, self.cfg.hidden_size)}")
 
 
-__all__ = ["ACCEPT_MODES", "DecodeEngine", "TRACE_COUNTS"]
+__all__ = ["ACCEPT_MODES", "DecodeEngine", "TRACE_COUNTS", "wants_tied_head_copy"]

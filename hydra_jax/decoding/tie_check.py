@@ -52,8 +52,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hydra_jax.decoding.engine import wants_tied_head_copy
 from hydra_jax.model.kv_cache import init_cache
-from hydra_jax.model.llama import LlamaModel
+from hydra_jax.model.llama import LlamaModel, with_tied_head_copy
 from hydra_jax.model.masks import cache_causal_mask
 
 PAD_TO = 128  # prefixes are padded to a multiple of this: one compile per bucket, not per length
@@ -88,6 +89,11 @@ class TieChecker:
     self.dtype = jnp.dtype(dtype)
     self.chunk_sizes = tuple(chunk_sizes)  # tried after the verify size (one compile each)
     self.params = params
+    # The forwards in the run's dtype compute as the decode engine's verify does: through a
+    # tied LM head's [E, V] copy where the engine reads one (XLA:CPU rounds the two layouts
+    # apart in bf16). The f32 reference reads the embedding: its rounding is not at issue.
+    self.run_params = (with_tied_head_copy(cfg, params)
+                       if wants_tied_head_copy(cfg, self.dtype, multi_row=True) else params)
     self._params_f32 = None  # made on the first bf16 difference: most runs have none
     run = LlamaModel(cfg, dtype=self.dtype, param_dtype=self.dtype)
     ref = LlamaModel(cfg, dtype=jnp.float32, param_dtype=jnp.float32)
@@ -139,7 +145,7 @@ class TieChecker:
     tokens = np.zeros((1, t), np.int32)
     tokens[0, :len(prefix)] = prefix
     last = jnp.int32(len(prefix) - 1)
-    logits = np.asarray(self._run(self.params, tokens, last), np.float64)
+    logits = np.asarray(self._run(self.run_params, tokens, last), np.float64)
     a, s = int(ar_ids[position]), int(spec_ids[position])
     gap = float(logits[a] - logits[s])
     top = np.argsort(-logits)[:max(ROUNDING_TOP, 2)]
@@ -173,7 +179,7 @@ class TieChecker:
     tokens = np.zeros((1, t), np.int32)
     tokens[0, :len(prefix)] = prefix
     first = prompt_len + generated % k
-    return np.asarray(self._chunked(self.params, tokens, jnp.int32(first),
+    return np.asarray(self._chunked(self.run_params, tokens, jnp.int32(first),
                                     jnp.int32(generated // k), k), np.float64)
 
 
