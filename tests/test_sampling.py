@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hydra_jax.decoding.sampling import SamplingParams, process_logits, sample
+from hydra_jax.decoding.sampling import (ARGMAX_BLOCK, SamplingParams, process_logits, sample,
+                                         vocab_argmax)
 
 NUM_DRAWS = 20_000
 
@@ -142,3 +143,26 @@ def test_changing_knobs_does_not_recompile():
 def test_bad_knobs_are_refused(bad):
   with pytest.raises(ValueError, match=next(iter(bad))):
     SamplingParams.make(**bad)
+
+
+@pytest.mark.parametrize("vocab", [7, ARGMAX_BLOCK, 3 * ARGMAX_BLOCK, 1000, 49152])
+def test_vocab_argmax_is_numpys_argmax(vocab):
+  """The blocked argmax picks what numpy's argmax picks: the first maximal index, also for
+  ties across and inside blocks, rows of -inf, a vocabulary that is not a block multiple, and
+  NaN (ranked highest, the first one wins)."""
+  rng = np.random.default_rng(vocab)
+  rows = [rng.standard_normal(vocab).astype(np.float32) for _ in range(3)]
+  tie = np.zeros(vocab, np.float32)  # all equal: index 0
+  late = np.full(vocab, -1.0, np.float32)
+  late[[vocab - 1, vocab // 2]] = 5.0  # the same max twice: the earlier one
+  rows += [tie, late, np.full(vocab, -np.inf, np.float32)]
+  nan = rng.standard_normal(vocab).astype(np.float32)
+  nan[[vocab - 1, max(vocab // 3, 1)]] = np.nan
+  rows.append(nan)
+  x = np.stack(rows)
+  got = np.asarray(jax.jit(vocab_argmax)(jnp.asarray(x)))
+  assert got.dtype == np.int32
+  np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
+  # any leading shape, as the verify's [B, N, V] logits
+  np.testing.assert_array_equal(np.asarray(vocab_argmax(jnp.asarray(x.reshape(1, 7, vocab)))),
+                                np.argmax(x, axis=-1)[None])

@@ -20,7 +20,7 @@ from hydra_jax.decoding.engine import DecodeEngine
 from hydra_jax.decoding.sampling import SamplingParams
 from hydra_jax.decoding.state import STOP, StopCriteria
 from hydra_jax.decoding.tree import compile_tree, load_tree
-from hydra_jax.model.heads import HeadsConfig, init_heads, DraftHeads
+from hydra_jax.model.heads import SHARED_LM_KERNEL, HeadsConfig, init_heads, DraftHeads
 from hydra_jax.model.llama import TIED_HEAD_COPY, LlamaModel, with_tied_head_copy
 from hydra_jax.tools.testing import make_hf_model, perturb_params
 
@@ -168,6 +168,39 @@ def test_tied_lm_head_copy_gives_the_same_logits(bases, dtype):
                   tokens)
     reads_copy = t > 1 or dtype != jnp.float32
     assert bool(jnp.all(zero == 0)) == reads_copy, (t, dtype)
+
+
+@pytest.mark.parametrize("base", ["qwen2", "llama"])  # tied, untied
+def test_the_shared_draft_lm_kernel_is_made_once_outside_jit(bases, base):
+  """Heads on the base's LM head restricted to a draft vocabulary read its [D, V'] columns:
+  the engine makes them once per set of weights outside jit (with_shared_lm_kernel), equal to
+  the base LM head's columns as numpy takes them, shared by every engine, and the drafter
+  reads them (with a zero kernel the drafts follow the heads' LM bias alone)."""
+  _, hm = bases(base)
+  cfg, heads = _heads(hm, "hydra", lm_head="base", draft_vocab=DRAFT_VOCAB)
+  tree = load_tree("greedy_7", num_heads=4)
+  engine = DecodeEngine(hm.config, jnp.float32, cfg, tree)
+  ready = engine.run_heads_params(hm.params, heads)
+  lm = (np.asarray(hm.params["embed_tokens"]["embedding"]).T if hm.config.tie_word_embeddings
+        else np.asarray(hm.params["lm_head"]["kernel"]))
+  np.testing.assert_array_equal(ready[SHARED_LM_KERNEL], lm[:, list(DRAFT_VOCAB)])
+  again = DecodeEngine(hm.config, jnp.float32, cfg, load_tree("greedy_15", num_heads=4))
+  assert again.run_heads_params(hm.params, heads)[SHARED_LM_KERNEL] is ready[SHARED_LM_KERNEL]
+  assert engine.run_heads_params(hm.params, ready) is ready
+  assert (SHARED_LM_KERNEL in engine.abstract_args(1, 8, heads)[1])
+  own, _ = _heads(hm, "hydra", lm_head="own", draft_vocab=DRAFT_VOCAB)  # own LM heads: none
+  assert engine.run_heads_params(hm.params, heads) is not heads
+  assert DecodeEngine(hm.config, jnp.float32, own, tree).run_heads_params(hm.params, heads) is heads
+  models = SpecModels(hm.config, cfg, tree, jnp.float32)
+  root = jnp.asarray([5], jnp.int32)
+  context = jnp.asarray(np.random.default_rng(0).standard_normal((1, hm.config.hidden_size)),
+                        jnp.float32)
+  draft = lambda hp: np.asarray(heads_drafter(models, hm.params, hp)(
+      spec.DraftInputs(root_B=root, context_BxE=context, num_out_B=jnp.zeros(1, jnp.int32),
+                       step=jnp.zeros((), jnp.int32))))
+  np.testing.assert_array_equal(draft(ready), draft(heads))  # same columns, same drafts
+  zero = draft({**ready, SHARED_LM_KERNEL: jnp.zeros_like(ready[SHARED_LM_KERNEL])})
+  assert not np.array_equal(zero, draft(heads))
 
 
 def _leaf(tree, i):

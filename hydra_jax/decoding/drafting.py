@@ -29,8 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hydra_jax.decoding.sampling import vocab_argmax
 from hydra_jax.model.config import ModelConfig
-from hydra_jax.model.heads import DraftHeads, HeadsConfig, shared_lm_kernel
+from hydra_jax.model.heads import DraftHeads, HeadsConfig, shared_lm_kernel, split_shared_lm_kernel
 from hydra_jax.model.llama import LlamaModel
 
 
@@ -66,7 +67,7 @@ class SpecModels:
 def _top(logits_xV: jax.Array, k: int) -> jax.Array:
   """Indices of the k largest logits, best first (argmax for k = 1: no sort)."""
   if k == 1:
-    return jnp.argmax(logits_xV, axis=-1)[..., None].astype(jnp.int32)
+    return vocab_argmax(logits_xV)[..., None]
   return jax.lax.top_k(logits_xV, k)[1].astype(jnp.int32)
 
 
@@ -79,7 +80,9 @@ def draft_head_fns(models: SpecModels, base_params, heads_params):
                      f"the heads have {hcfg.num_heads}")
   heads = models.heads
   embedding = base_params["embed_tokens"]["embedding"]
-  base_lm = shared_lm_kernel(hcfg, models.base_cfg, base_params)
+  heads_params, base_lm = split_shared_lm_kernel(heads_params)  # ready-made by the engine
+  if base_lm is None:
+    base_lm = shared_lm_kernel(hcfg, models.base_cfg, base_params)
   draft_ids = jnp.asarray(hcfg.draft_ids) if hcfg.draft_vocab else None
 
   def to_tokens(idx):

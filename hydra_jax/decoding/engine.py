@@ -38,7 +38,7 @@ from hydra_jax.decoding.dynamic_tree import dynamic_drafter
 from hydra_jax.decoding.sampling import SamplingParams
 from hydra_jax.decoding.state import BatchOutput, StopCriteria
 from hydra_jax.model.config import ModelConfig
-from hydra_jax.model.heads import HeadsConfig
+from hydra_jax.model.heads import SHARED_LM_KERNEL, HeadsConfig, with_shared_lm_kernel
 from hydra_jax.model.llama import TIED_HEAD_COPY, LlamaModel, with_tied_head_copy
 from hydra_jax.parallel import mesh as decode_mesh
 
@@ -205,10 +205,16 @@ class DecodeEngine:
     if params_shape is None:
       params_shape = jax.eval_shape(lambda: init_params(self.cfg, jax.random.PRNGKey(0),
                                                         self.dtype))
-    if self.copy_tied_head and TIED_HEAD_COPY not in params_shape:  # `run` passes it too
-      embedding = params_shape["embed_tokens"]["embedding"]
+    # What `run` adds outside jit, so that sizing sees it too.
+    embedding = params_shape["embed_tokens"]["embedding"]
+    if self.copy_tied_head and TIED_HEAD_COPY not in params_shape:
       params_shape = {**params_shape, TIED_HEAD_COPY: jax.ShapeDtypeStruct(
           embedding.shape[::-1], embedding.dtype)}
+    hcfg = self.models.heads_cfg if self.speculative else None
+    if (heads_params_shape is not None and self.mesh is None and hcfg.lm_head == "base"
+        and SHARED_LM_KERNEL not in heads_params_shape):
+      heads_params_shape = {**heads_params_shape, SHARED_LM_KERNEL: jax.ShapeDtypeStruct(
+          (self.cfg.hidden_size, hcfg.draft_vocab_size), embedding.dtype)}
     i32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.int32)
     args = (params_shape, heads_params_shape, i32((batch, prompt_len)), i32((batch,)),
             jax.ShapeDtypeStruct((batch,), jnp.bool_), i32((batch,)),
@@ -232,6 +238,7 @@ class DecodeEngine:
           posterior_alpha: float = DEFAULT_POSTERIOR_ALPHA) -> BatchOutput:
     """Prefill + decode one padded batch (heads_params None without heads)."""
     self._check_params(params)
+    heads_params = self.run_heads_params(params, heads_params)
     params = self.run_params(params)
     accept_params = AcceptParams.make(sampling, posterior_threshold, posterior_alpha)
     host = (np.asarray(tokens_BxP, np.int32), np.asarray(lengths_B, np.int32),
@@ -268,6 +275,13 @@ class DecodeEngine:
     """The base params the jitted prefill and loop take: with a tied LM head's [E, V] copy
     where `copy_tied_head` (made outside jit, once per set of weights), else as given."""
     return with_tied_head_copy(self.cfg, params) if self.copy_tied_head else params
+
+  def run_heads_params(self, params, heads_params):
+    """The heads params the jitted loop takes: without a mesh, with the heads' shared LM
+    kernel ready (heads.with_shared_lm_kernel: made outside jit, once per set of weights)."""
+    if not self.speculative or self.mesh is not None:
+      return heads_params
+    return with_shared_lm_kernel(self.models.heads_cfg, self.cfg, params, heads_params)
 
   def _placed_args(self, params, heads_params, host, accept_params, stop):
     """Everything `run` passes, laid out on the mesh (params kept when already placed)."""

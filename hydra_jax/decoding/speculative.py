@@ -31,7 +31,7 @@ from hydra_jax.decoding.acceptance import (AcceptParams, exact_accept, greedy_ac
                                            typical_accept)
 from hydra_jax.decoding import dynamic_tree as dyn
 from hydra_jax.decoding.drafting import DraftInputs, Drafter, SpecModels
-from hydra_jax.decoding.sampling import row_keys, sample
+from hydra_jax.decoding.sampling import row_keys, sample, vocab_argmax
 from hydra_jax.decoding.state import DecodeState, StopCriteria, emit_tokens, first_state, \
     keep_running, prefill
 from hydra_jax.model.kv_cache import KVCache, init_cache
@@ -94,7 +94,7 @@ def accept_tree(tree, tokens_BxN, logits_BxNxV, s: DecodeState, params: AcceptPa
              lambda keys: dyn.exact_accept(draft, logits_BxNxV, keys, params, tree.depth))
   greedy, typical, exact = rules
   if accept == "greedy":  # the argmax per node: [B, N] ints, not [B, N, V] logits
-    pred = jnp.argmax(logits_BxNxV, axis=-1).astype(jnp.int32)
+    pred = vocab_argmax(logits_BxNxV)
     a, path_nodes, last = greedy(pred)
     return a, path_nodes, last, jnp.take_along_axis(pred, last[:, None], axis=1)[:, 0]
   if accept == "typical":

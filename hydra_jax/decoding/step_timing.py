@@ -81,7 +81,8 @@ def steady_state_timer(engine, params, heads_params, context_len: int, cache_len
                        make_step: Optional[Callable] = None) -> Callable[[], float]:
   """A function returning seconds per step of `engine` (compiled and warmed up here)."""
   cache_len = cache_len or _bucket(context_len + engine.slots_per_step + 1)
-  params = engine.run_params(params)  # what `run` hands the loop
+  heads_params = engine.run_heads_params(params, heads_params)  # what `run` hands the loop
+  params = engine.run_params(params)
   state, accept_params = steady_state(engine, params, heads_params, context_len, cache_len, batch)
   fn = step_fn(engine, iters, make_step)
   holder = [fn(params, heads_params, state, accept_params)]  # compile + warm-up

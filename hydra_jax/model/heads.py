@@ -52,7 +52,8 @@ import numpy as np
 
 from hydra_jax.model.config import ModelConfig
 from hydra_jax.model.kv_cache import KVCache
-from hydra_jax.model.llama import TIED_HEAD_COPY, DecoderLayer, RMSNorm, dense, rope_tables
+from hydra_jax.model.llama import (TIED_HEAD_COPY, DecoderLayer, RMSNorm, dense, derived_array,
+                                   rope_tables)
 from hydra_jax.model.masks import causal_mask
 
 Dtype = Any
@@ -386,12 +387,46 @@ def base_lm_head_kernel(base_cfg: ModelConfig, base_params) -> jax.Array:
 def shared_lm_kernel(cfg: HeadsConfig, base_cfg: ModelConfig, base_params) -> Optional[jax.Array]:
   """[D, V'] for heads with lm_head "base": the base LM head's draft-vocab columns; else None.
 
-  Build it once per call, outside any loop: the heads read it every draft depth.
+  Build it once per call, outside any loop: the heads read it every draft depth. Decoding
+  builds it once per set of weights instead (`with_shared_lm_kernel`).
   """
   if cfg.lm_head != "base":
     return None
+  if cfg.draft_vocab and base_cfg.tie_word_embeddings:  # whole rows of [V, E], then [D, V']
+    embedding = jnp.asarray(nn.meta.unbox(base_params)["embed_tokens"]["embedding"])
+    return jnp.take(embedding, jnp.asarray(cfg.draft_ids), axis=0).T
   kernel = base_lm_head_kernel(base_cfg, base_params)
   return jnp.take(kernel, jnp.asarray(cfg.draft_ids), axis=1) if cfg.draft_vocab else kernel
+
+
+# heads params key of a ready `shared_lm_kernel` (decoding only; never saved or sharded).
+SHARED_LM_KERNEL = "shared_lm_DxVd"
+
+
+def with_shared_lm_kernel(cfg: HeadsConfig, base_cfg: ModelConfig, base_params, heads_params):
+  """heads_params plus SHARED_LM_KERNEL for heads with lm_head "base" (else as given), made
+  outside jit once per set of base weights and draft vocabulary (llama.derived_array).
+
+  Why: built inside the decode loop's jit, the draft-vocabulary gather of SmolLM2's 49,152 x
+  576 head ran on every call (~25 ms on the AMD EPYC, one thread: a prompt's worth of steps
+  paid it, and step-cost timings of 8-16 steps paid 1.5-3 ms per step)."""
+  if cfg.lm_head != "base" or heads_params is None or SHARED_LM_KERNEL in heads_params:
+    return heads_params
+  params = nn.meta.unbox(base_params)
+  source = (params["embed_tokens"]["embedding"]
+            if base_cfg.tie_word_embeddings or "lm_head" not in params
+            else params["lm_head"]["kernel"])
+  kernel = derived_array(source, (SHARED_LM_KERNEL, cfg.draft_vocab),
+                         lambda _: shared_lm_kernel(cfg, base_cfg, base_params))
+  return {**heads_params, SHARED_LM_KERNEL: kernel}
+
+
+def split_shared_lm_kernel(heads_params):
+  """(the heads' own params, the ready SHARED_LM_KERNEL or None)."""
+  if heads_params is None or SHARED_LM_KERNEL not in heads_params:
+    return heads_params, None
+  own = {k: v for k, v in heads_params.items() if k != SHARED_LM_KERNEL}
+  return own, heads_params[SHARED_LM_KERNEL]
 
 
 def init_heads(cfg: HeadsConfig, base_cfg: ModelConfig, base_params, rng: jax.Array,

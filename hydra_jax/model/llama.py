@@ -266,9 +266,21 @@ class DecoderLayer(nn.Module):
 
 # params key of a tied LM head's [E, V] copy (LlamaModel.logits); never saved or sharded.
 TIED_HEAD_COPY = "tied_lm_head_ExV"
-# id(embedding) -> (weak reference to it, its [E, V] copy): one copy per set of weights for
-# every engine that decodes them, dropped with the embedding (the copy does not reference it).
-_TIED_HEAD_COPIES: dict = {}
+# (id(source array), tag) -> (weak reference to the source, the array derived from it): arrays
+# decoding derives from the weights once per set of weights, for every engine that decodes
+# them, dropped with their source (the derived array does not reference it).
+_DERIVED: dict = {}
+
+
+def derived_array(source: jax.Array, tag, make) -> jax.Array:
+  """make(source), made once per (source array, hashable tag) and cached while the source
+  lives. Call it outside jit: made inside, XLA recomputes it on every call (or every step)."""
+  key = (id(source), tag)
+  ref, value = _DERIVED.get(key, (None, None))
+  if ref is None or ref() is not source:
+    value = jax.block_until_ready(make(source))
+    _DERIVED[key] = (weakref.ref(source, lambda _: _DERIVED.pop(key, None)), value)
+  return value
 
 
 def with_tied_head_copy(cfg: ModelConfig, params):
@@ -276,13 +288,7 @@ def with_tied_head_copy(cfg: ModelConfig, params):
   Call it outside jit: the copy is made once per embedding array and cached while it lives."""
   if not cfg.tie_word_embeddings or TIED_HEAD_COPY in params:
     return params
-  embedding = params["embed_tokens"]["embedding"]
-  ref, copy = _TIED_HEAD_COPIES.get(id(embedding), (None, None))
-  if ref is None or ref() is not embedding:
-    copy = jax.block_until_ready(jnp.transpose(embedding))
-    key = id(embedding)
-    _TIED_HEAD_COPIES[key] = (weakref.ref(embedding, lambda _: _TIED_HEAD_COPIES.pop(key, None)),
-                              copy)
+  copy = derived_array(params["embed_tokens"]["embedding"], TIED_HEAD_COPY, jnp.transpose)
   return {**params, TIED_HEAD_COPY: copy}
 
 
