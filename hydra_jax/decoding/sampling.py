@@ -162,5 +162,5 @@ def row_keys(seed_key: jax.Array, row_ids_B: jax.Array, index) -> jax.Array:
       row_ids_B, index_B)
 
 
-__all__ = ["ARGMAX_BLOCK", "SamplingParams", "check_sampling_args", "process_logits", "sample", "row_keys",
-           "vocab_argmax"]
+__all__ = ["ARGMAX_BLOCK", "SamplingParams", "check_sampling_args", "process_logits", "sample",
+           "row_keys", "vocab_argmax"]
