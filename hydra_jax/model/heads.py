@@ -379,9 +379,16 @@ def base_lm_head_kernel(base_cfg: ModelConfig, base_params) -> jax.Array:
   base_params = nn.meta.unbox(base_params)
   if base_cfg.tie_word_embeddings and TIED_HEAD_COPY in base_params:
     return jnp.asarray(base_params[TIED_HEAD_COPY])
+  stored, is_embedding = _stored_lm_head(base_cfg, base_params)
+  return jnp.asarray(stored).T if is_embedding else jnp.asarray(stored)
+
+
+def _stored_lm_head(base_cfg: ModelConfig, base_params):
+  """(the stored array the base LM head reads, whether it is the [V, E] embedding): tied
+  weights, or a checkpoint without lm_head, read the embedding; else lm_head's [D, V] kernel."""
   if base_cfg.tie_word_embeddings or "lm_head" not in base_params:
-    return jnp.asarray(base_params["embed_tokens"]["embedding"]).T
-  return jnp.asarray(base_params["lm_head"]["kernel"])
+    return base_params["embed_tokens"]["embedding"], True
+  return base_params["lm_head"]["kernel"], False
 
 
 def shared_lm_kernel(cfg: HeadsConfig, base_cfg: ModelConfig, base_params) -> Optional[jax.Array]:
@@ -412,10 +419,7 @@ def with_shared_lm_kernel(cfg: HeadsConfig, base_cfg: ModelConfig, base_params, 
   paid it, and step-cost timings of 8-16 steps paid 1.5-3 ms per step)."""
   if cfg.lm_head != "base" or heads_params is None or SHARED_LM_KERNEL in heads_params:
     return heads_params
-  params = nn.meta.unbox(base_params)
-  source = (params["embed_tokens"]["embedding"]
-            if base_cfg.tie_word_embeddings or "lm_head" not in params
-            else params["lm_head"]["kernel"])
+  source, _ = _stored_lm_head(base_cfg, nn.meta.unbox(base_params))
   kernel = derived_array(source, (SHARED_LM_KERNEL, cfg.draft_vocab),
                          lambda _: shared_lm_kernel(cfg, base_cfg, base_params))
   return {**heads_params, SHARED_LM_KERNEL: kernel}
