@@ -1,0 +1,113 @@
+"""A verify forward's matmuls over T rows: one product (`llama.dense`) against T one-row products.
+
+    XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" taskset -c 1 \\
+      python benchmarks/bench_verify_rows.py --rows 1 2 3 4 8 --dtypes float32 bfloat16
+
+A greedy verify runs every weight of the model over the tree's T tokens. XLA:CPU takes a
+one-row f32 product on its own GEMV and two or more rows on a GEMM library (YNNPACK in jaxlib
+0.10), which reads the weights at a lower rate, so how much a T-token verify costs over a
+one-token step depends on the CPU (2-core AMD EPYC machines measured 1.4-1.6x and 2.1-2.4x
+for T = 2 on different days). This times the decoder's matmul chain with random weights of the
+model's shapes (SmolLM2-135M by default: per layer qkv [D, 960], o [D, D], gate_up [D, 2F],
+down [F, D]; then the LM head [D, V]; the cheap parts of a layer are left out) two ways, side
+by side in one process (candidates interleaved, median of --repeats):
+
+- `dense`: one product over the T rows, as the model computes it (`llama.dense`);
+- `per-row`: T one-row products whose results are concatenated (T GEMVs in f32; later rows
+  find the layer's weights in the cache the first row pulled them into).
+
+It checks that both agree, and prints each against the one-row step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _chain(project):
+  """The decoder's matmul chain with `project(x, w)` for every product."""
+  import jax
+
+  def forward(x_TxD, weights, head_DxV):
+    for qkv, o, gate_up, down in weights:
+      queries = project(x_TxD, qkv)[:, :o.shape[0]]  # stands in for attention's output
+      x_TxD = x_TxD + project(queries, o)
+      gu = project(x_TxD, gate_up)
+      f = down.shape[0]
+      x_TxD = x_TxD + project(jax.nn.silu(gu[:, :f]) * gu[:, f:], down)
+    return project(x_TxD, head_DxV)
+  return jax.jit(forward)
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--rows", type=int, nargs="+", default=[1, 2, 3, 4, 8])
+  p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"],
+                 choices=["float32", "bfloat16"])
+  p.add_argument("--layers", type=int, default=30)
+  p.add_argument("--hidden", type=int, default=576)
+  p.add_argument("--qkv", type=int, default=960, help="query + key + value width")
+  p.add_argument("--intermediate", type=int, default=1536)
+  p.add_argument("--vocab", type=int, default=49152)
+  p.add_argument("--repeats", type=int, default=11)
+  args = p.parse_args(argv)
+  if 1 not in args.rows:
+    args.rows = [1] + list(args.rows)
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from hydra_jax.model.llama import dense
+
+  rng = np.random.default_rng(0)
+  d, f = args.hidden, args.intermediate
+  print(f"# {platform.processor() or platform.machine()}, jax {jax.__version__}, "
+        f"{jax.devices()[0].device_kind}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+  print(f"# {args.layers} layers, D {d}, qkv {args.qkv}, F {f}, V {args.vocab}; "
+        f"median of {args.repeats}, ms")
+  print("| dtype | rows | weights MB | dense ms | per-row ms | per-row / dense | "
+        "dense / one row | per-row / one row |")
+  print("|---|---|---|---|---|---|---|---|")
+  for dtype_name in args.dtypes:
+    dtype = jnp.dtype(dtype_name)
+
+    def weight(i, o):
+      return jnp.asarray(rng.standard_normal((i, o), np.float32) * 0.02, dtype)
+    weights = [(weight(d, args.qkv), weight(d, d),
+                weight(d, 2 * f), weight(f, d)) for _ in range(args.layers)]
+    head = weight(d, args.vocab)
+    megabytes = (sum(w.nbytes for layer in weights for w in layer) + head.nbytes) / 1e6
+
+    def per_row(x, w):
+      return jnp.concatenate([dense(x[i:i + 1], w, dtype) for i in range(x.shape[0])], axis=0)
+    fns = {"dense": _chain(lambda x, w: dense(x, w, dtype)),
+           "per-row": _chain(per_row)}
+    one_row = None
+    for rows in args.rows:
+      x = jnp.asarray(rng.standard_normal((rows, d)).astype(np.float32))
+      outs = {n: np.asarray(fn(x, weights, head)) for n, fn in fns.items()}
+      scale = float(np.abs(outs["dense"]).max()) or 1.0
+      if not np.allclose(outs["dense"], outs["per-row"], rtol=2e-2, atol=2e-2 * scale):
+        raise SystemExit(f"per-row products disagree with dense at {dtype_name}, {rows} rows")
+      times = {n: [] for n in fns}
+      for _ in range(args.repeats):
+        for n, fn in fns.items():
+          t0 = time.perf_counter()
+          jax.block_until_ready(fn(x, weights, head))
+          times[n].append(time.perf_counter() - t0)
+      a, b = (float(np.median(times[n])) * 1e3 for n in fns)
+      if rows == 1:
+        one_row = a
+      print(f"| {dtype_name} | {rows} | {megabytes:.0f} | {a:.2f} | {b:.2f} | {b / a:.2f} | "
+            f"{a / one_row:.2f} | {b / one_row:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+  main()
