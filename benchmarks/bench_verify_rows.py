@@ -6,8 +6,8 @@
 A greedy verify runs every weight of the model over the tree's T tokens. XLA:CPU takes a
 one-row f32 product on its own GEMV and two or more rows on a GEMM library (YNNPACK in jaxlib
 0.10), which reads the weights at a lower rate, so how much a T-token verify costs over a
-one-token step depends on the CPU (2-core AMD EPYC machines measured 1.4-1.6x and 2.1-2.4x
-for T = 2 on different days). This times the decoder's matmul chain with random weights of the
+one-token step depends on the CPU (a 2-4-token SmolLM2 verify step cost 1.4-1.6 one-token
+steps on one 2-core AMD EPYC and 2.3-2.4 on another, lscpu family 26 and 25). This times the decoder's matmul chain with random weights of the
 model's shapes (SmolLM2-135M by default: per layer qkv [D, 960], o [D, D], gate_up [D, 2F],
 down [F, D]; then the LM head [D, V]; the cheap parts of a layer are left out) two ways, side
 by side in one process (candidates interleaved, median of --repeats):
