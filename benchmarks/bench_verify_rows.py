@@ -7,10 +7,11 @@ A greedy verify runs every weight of the model over the tree's T tokens. XLA:CPU
 one-row f32 product on its own GEMV and two or more rows on a GEMM library (YNNPACK in jaxlib
 0.10), which reads the weights at a lower rate, so how much a T-token verify costs over a
 one-token step depends on the CPU (a 2-4-token SmolLM2 verify step cost 1.4-1.6 one-token
-steps on one 2-core AMD EPYC and 2.3-2.4 on another, lscpu family 26 and 25). This times the decoder's matmul chain with random weights of the
-model's shapes (SmolLM2-135M by default: per layer qkv [D, 960], o [D, D], gate_up [D, 2F],
-down [F, D]; then the LM head [D, V]; the cheap parts of a layer are left out) two ways, side
-by side in one process (candidates interleaved, median of --repeats):
+steps on one 2-core AMD EPYC and 2.3-2.4 on another, lscpu family 26 and 25). This times the
+decoder's matmul chain with random weights of the model's shapes (SmolLM2-135M by default: per
+layer qkv [D, 960], o [D, D], gate_up [D, 2F], down [F, D]; then the LM head [D, V]; the cheap
+parts of a layer are left out) two ways, side by side in one process (candidates interleaved,
+median of --repeats):
 
 - `dense`: one product over the T rows, as the model computes it (`llama.dense`);
 - `per-row`: T one-row products whose results are concatenated (T GEMVs in f32; later rows
@@ -58,12 +59,12 @@ def main(argv=None) -> None:
   p.add_argument("--vocab", type=int, default=49152)
   p.add_argument("--repeats", type=int, default=11)
   args = p.parse_args(argv)
-  if 1 not in args.rows:
-    args.rows = [1] + list(args.rows)
+  rows_list = sorted(set(args.rows) | {1})  # one row first: every ratio is against it
 
   import jax
   import jax.numpy as jnp
   import numpy as np
+  from hydra_jax.decoding.step_timing import interleaved_medians
   from hydra_jax.model.llama import dense
 
   rng = np.random.default_rng(0)
@@ -89,22 +90,23 @@ def main(argv=None) -> None:
       return jnp.concatenate([dense(x[i:i + 1], w, dtype) for i in range(x.shape[0])], axis=0)
     fns = {"dense": _chain(lambda x, w: dense(x, w, dtype)),
            "per-row": _chain(per_row)}
+    def timer(fn, x):
+      def run() -> float:
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(x, weights, head))
+        return time.perf_counter() - t0
+      return run
+
     one_row = None
-    for rows in args.rows:
+    for rows in rows_list:
       x = jnp.asarray(rng.standard_normal((rows, d)).astype(np.float32))
       outs = {n: np.asarray(fn(x, weights, head)) for n, fn in fns.items()}
       scale = float(np.abs(outs["dense"]).max()) or 1.0
       if not np.allclose(outs["dense"], outs["per-row"], rtol=2e-2, atol=2e-2 * scale):
         raise SystemExit(f"per-row products disagree with dense at {dtype_name}, {rows} rows")
-      times = {n: [] for n in fns}
-      for _ in range(args.repeats):
-        for n, fn in fns.items():
-          t0 = time.perf_counter()
-          jax.block_until_ready(fn(x, weights, head))
-          times[n].append(time.perf_counter() - t0)
-      a, b = (float(np.median(times[n])) * 1e3 for n in fns)
-      if rows == 1:
-        one_row = a
+      a, b = (t * 1e3 for t in interleaved_medians([timer(fn, x) for fn in fns.values()],
+                                                  args.repeats))
+      one_row = a if rows == 1 else one_row
       print(f"| {dtype_name} | {rows} | {megabytes:.0f} | {a:.2f} | {b:.2f} | {b / a:.2f} | "
             f"{a / one_row:.2f} | {b / one_row:.2f} |", flush=True)
 
