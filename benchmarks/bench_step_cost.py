@@ -20,8 +20,10 @@ and prints each part as the difference of consecutive prefixes, next to the auto
 step (one-token forward + sampling + the same bookkeeping). `spec/AR` is the step-cost ratio:
 a speculative step pays when its accept length tau exceeds it (speedup ~ tau / ratio).
 Differences of noisy timings can come out slightly negative; medians of interleaved runs keep
-that small. Threads: "1" runs XLA:CPU on one thread (a child process with
---xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1), "default" as installed.
+that small. Threads: "1" runs XLA:CPU on one core (a child process with
+--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1, pinned to the last CPU it
+may use: the flags alone left jaxlib 0.10's fusions and GEMMs on both cores of a 2-core EPYC,
+1.8-1.9 cores busy), "default" as installed.
 
 Models: `embedded` is the shipped TinyShakespeare model with its shipped heads, `smollm2`
 SmolLM2-135M-Instruct (`python -m hydra_jax.registry.models path smollm2` prepares it) with
@@ -30,12 +32,14 @@ and `random150m` are random Llamas with random heads (weights do not change step
 Trees: a number n is the n-token tree (root included) grown from the preset accuracy model
 (`tree.grow_tree`), or a preset name / JSON file; `auto` is each shipped heads' fitted tree;
 `dynamic:N[:D[:K[:T]]]` a dynamic tree (its draft row includes choosing the topology and its
-verify row building the per-row mask).
+verify row building the per-row mask). `--verify-products dot reduce` times f32 verify forwards
+both ways on a CPU (XLA's dot, or llama.dense's multiply-and-reduce over row-major copies).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -52,6 +56,10 @@ RANDOM_MODELS = {
     "random150m": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_layers=16,
                        num_heads=12, num_kv_heads=4, head_dim=64),
 }
+
+
+# --verify-products -> DecodeEngine(row_major_copies=...)
+VERIFY_PRODUCTS = {"auto": None, "dot": False, "reduce": True}
 
 
 def _parse(argv=None) -> argparse.Namespace:
@@ -76,6 +84,10 @@ def _parse(argv=None) -> argparse.Namespace:
   p.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"], default=["float32"],
                  help="weights and matmul inputs (products accumulate in f32); several are "
                       "timed interleaved in one process")
+  p.add_argument("--verify-products", nargs="+", choices=list(VERIFY_PRODUCTS), default=["auto"],
+                 help="how f32 verify forwards multiply on a CPU: the engine's choice, XLA's "
+                      "dot, or multiply-and-reduce over row-major kernel copies (llama.dense); "
+                      "several are timed interleaved, as rows 'tree [choice]'")
   p.add_argument("--out", default=None, help="write the rows as JSON here")
   p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   return p.parse_args(argv)
@@ -234,13 +246,16 @@ def _candidates(args, name: str, dtype: str):
   cands = [(model, dtype, "autoregressive", "-", 1, "forward", timer(ar, None, _ar_forward_only(ar))),
            (model, dtype, "autoregressive", "-", 1, "step", timer(ar, None))]
   for kind, ((hcfg, hparams), hdir) in heads.items():
-    for tree in _trees(args.trees, hcfg, hdir, dtype):
-      engine = DecodeEngine(model.config, model.dtype, hcfg, tree)
+    for tree, products in itertools.product(_trees(args.trees, hcfg, hdir, dtype),
+                                            args.verify_products):
+      engine = DecodeEngine(model.config, model.dtype, hcfg, tree,
+                            row_major_copies=VERIFY_PRODUCTS[products])
+      label = tree.name if len(args.verify_products) == 1 else f"{tree.name} [{products}]"
       for phase in ("step",) if args.no_breakdown else PHASES:
         if phase == "prefix" and not hcfg.prefix_layer:
           continue  # g is a slice of the verify forward's hidden states: nothing to time
         make = None if phase == "step" else _partial_step(engine, phase)
-        cands.append((model, dtype, kind, tree.name, tree.num_nodes, phase,
+        cands.append((model, dtype, kind, label, tree.num_nodes, phase,
                       timer(engine, hparams, make)))
     print(f"# {name} {dtype}: compiled {kind}", file=sys.stderr, flush=True)
   return cands
@@ -290,11 +305,14 @@ def main(argv=None) -> int:
   for threads in args.threads:
     env = dict(os.environ, HYDRA_BENCH_THREADS=threads, JAX_PLATFORMS=os.environ.get(
         "JAX_PLATFORMS", "cpu"))
+    pin = None
     if threads == "1":
       env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + ONE_THREAD).strip()
+      core = max(os.sched_getaffinity(0))
+      pin = lambda: os.sched_setaffinity(0, {core})  # noqa: E731
     child = [a for a in (argv if argv is not None else sys.argv[1:])]
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", *child], env=env,
-                          stdout=subprocess.PIPE, text=True)
+                          stdout=subprocess.PIPE, text=True, preexec_fn=pin)
     if proc.returncode:
       return proc.returncode
     rows += json.loads(proc.stdout.strip().splitlines()[-1])

@@ -6,6 +6,8 @@ Drafters: the real heads (random, non-zero weights), a perfect drafter that know
 continuation (full acceptance along a chosen path), and a noisy oracle (partial acceptance).
 """
 
+import dataclasses
+
 import numpy as np
 import jax
 import jax.numpy as jnp
@@ -16,12 +18,13 @@ from hydra_jax.checkpoint.hf import load_hf_model
 from hydra_jax.decoding import speculative as spec
 from hydra_jax.decoding.acceptance import AcceptParams
 from hydra_jax.decoding.drafting import SpecModels, heads_drafter
-from hydra_jax.decoding.engine import DecodeEngine
+from hydra_jax.decoding.engine import ROW_MAJOR_MIN_BYTES, DecodeEngine, wants_row_major_copies
 from hydra_jax.decoding.sampling import SamplingParams
 from hydra_jax.decoding.state import STOP, StopCriteria
 from hydra_jax.decoding.tree import compile_tree, load_tree
 from hydra_jax.model.heads import SHARED_LM_KERNEL, HeadsConfig, init_heads, DraftHeads
-from hydra_jax.model.llama import TIED_HEAD_COPY, LlamaModel, with_tied_head_copy
+from hydra_jax.model.llama import (REDUCE_MAX_ROWS, ROW_MAJOR_COPY, TIED_HEAD_COPY, LlamaModel,
+                                   with_tied_head_copy)
 from hydra_jax.tools.testing import make_hf_model, perturb_params
 
 
@@ -68,9 +71,10 @@ def _pad(prompts):
 
 
 def _run(hm, heads_cfg, heads_params, tree, prompts, max_new, stop_ids=(),
-         drafter_factory=heads_drafter, cache_len=128):
+         drafter_factory=heads_drafter, cache_len=128, row_major_copies=None):
   """The engine `generate` uses, on one batch: (BatchOutput, output token lists)."""
-  engine = DecodeEngine(hm.config, jnp.float32, heads_cfg, tree, "greedy", drafter_factory)
+  engine = DecodeEngine(hm.config, jnp.float32, heads_cfg, tree, "greedy", drafter_factory,
+                        row_major_copies=row_major_copies)
   toks, lens = _pad(prompts)
   b = len(prompts)
   out = engine.run(hm.params, heads_params, toks, lens, np.ones(b, bool), np.arange(b),
@@ -127,6 +131,24 @@ def test_lossless_with_real_heads(bases, model_type, arch, tree_name, batch, lm)
   assert outs == refs
 
 
+@pytest.mark.parametrize("model_type,arch,tree_name,batch", [
+    ("qwen2", "hydra++", "greedy_7", 1),  # 8 verify rows, tied head read from the embedding
+    ("llama", "hydra", "chain_4", 3),  # 3 x 5 rows, padded to 16
+    pytest.param("llama", "medusa", "dynamic:8", 2, marks=_SLOW)])
+def test_lossless_with_row_major_copies(bases, model_type, arch, tree_name, batch):
+  """Verify forwards that multiply-and-reduce over row-major kernel copies (what f32 CPU
+  decoding of a model bigger than the cache runs) decode what transformers' greedy does."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("row-major copies are a CPU layout")
+  torch_model, hm = bases(model_type)
+  cfg, params = _heads(hm, arch)
+  prompts = PROMPTS[:batch]
+  refs = [_hf_greedy(torch_model, p, 12) for p in prompts]
+  _, outs = _run(hm, cfg, params, load_tree(tree_name, num_heads=4), prompts, 12,
+                 row_major_copies=True)
+  assert outs == refs
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_tied_lm_head_copy_gives_the_same_logits(bases, dtype):
   """On a CPU the engine hands a tied model an [E, V] copy of its embedding (a faster XLA:CPU
@@ -168,6 +190,64 @@ def test_tied_lm_head_copy_gives_the_same_logits(bases, dtype):
                   tokens)
     reads_copy = t > 1 or dtype != jnp.float32
     assert bool(jnp.all(zero == 0)) == reads_copy, (t, dtype)
+
+
+@pytest.mark.parametrize("base", ["qwen2", "llama"])  # tied, untied
+def test_row_major_copies_give_the_same_logits(bases, base):
+  """On a CPU, f32 speculative decoding hands the model a row-major copy [O, I] of every kernel
+  (a tied head's is the embedding itself) when the weights outgrow the cache, made once per
+  set of weights, which products of 2-16 rows multiply-and-reduce (llama.dense). The references: numpy's transpose of each
+  kernel, and transformers' logits of the same model. Which products read the copies is
+  checked with zero copies: every one of 2-16 rows, none of 1 or 17."""
+  torch_model, hm = bases(base)
+  cfg, _ = _heads(hm, "hydra")
+  tree = load_tree("greedy_7", num_heads=4)
+  on_cpu = jax.default_backend() == "cpu"
+  big = dataclasses.replace(hm.config, num_layers=64, hidden_size=512, intermediate_size=1024)
+  assert 4 * big.num_params > ROW_MAJOR_MIN_BYTES > 4 * hm.config.num_params
+  assert wants_row_major_copies(big, jnp.float32, True) == on_cpu
+  assert not wants_row_major_copies(hm.config, jnp.float32, True)  # in cache: the GEMM wins
+  assert not wants_row_major_copies(big, jnp.float32, False)  # autoregressive: one-row GEMVs
+  assert not wants_row_major_copies(big, jnp.bfloat16, True)  # bf16: YNNPACK's GEMMs
+  assert not DecodeEngine(hm.config, jnp.float32, cfg, tree).row_major_copies
+  engine = DecodeEngine(hm.config, jnp.float32, cfg, tree, row_major_copies=True)
+  ready = engine.run_params(hm.params)
+  layer = hm.params["layers_0"]
+  ready_layer = ready["layers_0"]
+  np.testing.assert_array_equal(ready_layer["self_attn"]["o_proj"][ROW_MAJOR_COPY],
+                                np.asarray(layer["self_attn"]["o_proj"]["kernel"]).reshape(
+                                    -1, hm.config.hidden_size).T)
+  for path in (("self_attn", "qkv_proj"), ("mlp", "gate_up_proj"), ("mlp", "down_proj")):
+    kernel = np.asarray(layer[path[0]][path[1]]["kernel"])
+    np.testing.assert_array_equal(ready_layer[path[0]][path[1]][ROW_MAJOR_COPY],
+                                  kernel.reshape(kernel.shape[0], -1).T)
+  if hm.config.tie_word_embeddings:
+    assert ready["embed_tokens"][ROW_MAJOR_COPY] is hm.params["embed_tokens"]["embedding"]
+  else:
+    np.testing.assert_array_equal(ready["lm_head"][ROW_MAJOR_COPY],
+                                  np.asarray(hm.params["lm_head"]["kernel"]).T)
+  again = DecodeEngine(hm.config, jnp.float32, cfg, load_tree("greedy_15", num_heads=4),
+                       row_major_copies=True)
+  assert again.run_params(hm.params)["layers_1"]["mlp"]["down_proj"][ROW_MAJOR_COPY] is (
+      ready["layers_1"]["mlp"]["down_proj"][ROW_MAJOR_COPY])  # made once per set of weights
+  assert engine.run_params(ready) is ready
+  sized = engine.abstract_args(1, 8)[0]  # sizing traces the copies too
+  assert sized["layers_0"]["mlp"]["gate_up_proj"][ROW_MAJOR_COPY].shape == (
+      2 * hm.config.intermediate_size, hm.config.hidden_size)
+
+  model = LlamaModel(hm.config)
+  logits = jax.jit(lambda p, t: model.apply({"params": p}, t, jnp.arange(t.shape[1])[None])[0])
+  zeros = jax.tree_util.tree_map_with_path(
+      lambda path, x: jnp.zeros_like(x) if path[-1].key == ROW_MAJOR_COPY else x, ready)
+  for t in (1, 2, 5, 8, 13, REDUCE_MAX_ROWS, REDUCE_MAX_ROWS + 1):
+    tokens = jnp.asarray(np.random.default_rng(t).integers(0, 256, (1, t)), jnp.int32)
+    plain, reduced = logits(hm.params, tokens), logits(ready, tokens)
+    np.testing.assert_allclose(reduced, plain, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+      ref = torch_model(torch.tensor(np.asarray(tokens))).logits.float().numpy()
+    np.testing.assert_allclose(reduced, ref, rtol=1e-4, atol=1e-4)
+    reads_copies = 2 <= t <= REDUCE_MAX_ROWS
+    assert bool(jnp.all(logits(zeros, tokens) == 0)) == reads_copies, t
 
 
 @pytest.mark.parametrize("base", ["qwen2", "llama"])  # tied, untied

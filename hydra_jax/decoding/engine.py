@@ -39,7 +39,8 @@ from hydra_jax.decoding.sampling import SamplingParams
 from hydra_jax.decoding.state import BatchOutput, StopCriteria
 from hydra_jax.model.config import ModelConfig
 from hydra_jax.model.heads import SHARED_LM_KERNEL, HeadsConfig, with_shared_lm_kernel
-from hydra_jax.model.llama import TIED_HEAD_COPY, LlamaModel, with_tied_head_copy
+from hydra_jax.model.llama import (TIED_HEAD_COPY, LlamaModel, with_row_major_copies,
+                                   with_tied_head_copy)
 from hydra_jax.parallel import mesh as decode_mesh
 
 # Incremented when a loop is TRACED, i.e. on every (re)compile; tests read it.
@@ -66,11 +67,28 @@ def wants_tied_head_copy(cfg: ModelConfig, dtype, multi_row: bool, mesh=None) ->
               and (multi_row or jnp.dtype(dtype) != jnp.float32))
 
 
+# Above this many bytes of f32 weights a verify's 2-16-row products read them from memory,
+# not cache, and the multiply-and-reduce beats XLA:CPU's GEMM (2-core EPYC, 32 MB L3, one
+# thread: SmolLM2-135M, 540 MB, a 4-token step 53 -> 42 ms; the 36 MB embedded model,
+# 3.6 -> 3.8 ms, stays on the GEMM).
+ROW_MAJOR_MIN_BYTES = 64 << 20
+
+
+def wants_row_major_copies(cfg: ModelConfig, dtype, speculative: bool, mesh=None) -> bool:
+  """Whether decoding should hand the model row-major copies of its kernels
+  (llama.with_row_major_copies, read by `llama.dense`): speculative f32 decoding on a CPU
+  without a mesh, of a model above ROW_MAJOR_MIN_BYTES. Autoregressive steps are one-row
+  GEMVs, fastest on the kernels as they lie, so they keep none."""
+  return bool(speculative and mesh is None and jax.default_backend() == "cpu"
+              and jnp.dtype(dtype) == jnp.float32 and 4 * cfg.num_params > ROW_MAJOR_MIN_BYTES)
+
+
 class DecodeEngine:
   """Autoregressive decoding (heads_cfg None) or speculative decoding with heads and a tree."""
 
   def __init__(self, cfg: ModelConfig, dtype=jnp.float32, heads_cfg: Optional[HeadsConfig] = None,
-               tree=None, accept: str = "greedy", drafter_factory=heads_drafter, mesh=None):
+               tree=None, accept: str = "greedy", drafter_factory=heads_drafter, mesh=None,
+               row_major_copies: Optional[bool] = None):
     self.cfg = cfg
     self.dtype = jnp.dtype(dtype)
     self.accept = check_accept_mode(accept)
@@ -92,7 +110,12 @@ class DecodeEngine:
     self.drafter_factory = drafter_factory
     self._compiled: Dict[Tuple, Any] = {}
     self.copy_tied_head = wants_tied_head_copy(cfg, self.dtype, self.speculative, mesh)
+    # None: wants_row_major_copies decides; True / False (benchmarks) force the choice.
+    self.row_major_copies = (wants_row_major_copies(cfg, self.dtype, self.speculative, mesh)
+                             if row_major_copies is None else row_major_copies)
     self.mesh = decode_mesh.make_decode_mesh(mesh)
+    if self.row_major_copies and self.mesh is not None:
+      raise ValueError("row-major kernel copies are for single-device CPU decoding, not a mesh")
     self.param_shardings = self.heads_shardings = None
     if self.mesh is not None:
       self.param_shardings, self.heads_shardings = decode_mesh.decode_shardings(
@@ -210,6 +233,8 @@ class DecodeEngine:
     if self.copy_tied_head and TIED_HEAD_COPY not in params_shape:
       params_shape = {**params_shape, TIED_HEAD_COPY: jax.ShapeDtypeStruct(
           embedding.shape[::-1], embedding.dtype)}
+    if self.row_major_copies:
+      params_shape = with_row_major_copies(self.cfg, params_shape)
     hcfg = self.models.heads_cfg if self.speculative else None
     if (heads_params_shape is not None and self.mesh is None and hcfg.lm_head == "base"
         and SHARED_LM_KERNEL not in heads_params_shape):
@@ -273,8 +298,10 @@ class DecodeEngine:
 
   def run_params(self, params):
     """The base params the jitted prefill and loop take: with a tied LM head's [E, V] copy
-    where `copy_tied_head` (made outside jit, once per set of weights), else as given."""
-    return with_tied_head_copy(self.cfg, params) if self.copy_tied_head else params
+    where `copy_tied_head` and the kernels' row-major copies where `row_major_copies` (made
+    outside jit, once per set of weights), else as given."""
+    params = with_tied_head_copy(self.cfg, params) if self.copy_tied_head else params
+    return with_row_major_copies(self.cfg, params) if self.row_major_copies else params
 
   def run_heads_params(self, params, heads_params):
     """The heads params the jitted loop takes: without a mesh, with the heads' shared LM

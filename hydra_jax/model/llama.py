@@ -96,18 +96,36 @@ def _single_row_is_slow(rows: int, dtype) -> bool:
   return rows == 1 and jnp.dtype(dtype) != jnp.float32 and jax.default_backend() == "cpu"
 
 
-def dense(x_xI: jax.Array, w_IxO: jax.Array, dtype) -> jax.Array:
+# XLA:CPU's f32 GEMM reads the weights of a 2-16-row product far below the one-row GEMV's
+# rate (2-4 rows cost ~2 one-row products on some EPYCs, the second core idles). The same
+# product written as a multiply-and-reduce over a row-major copy [O, I] of the weights is one
+# loop fusion that streams each weight row once per input row from cache and runs on every
+# core. Its speed depends on the row count, not monotonically: XLA vectorises 2, 3, 4, 8 and
+# 16 rows well and 5-7 or 9-15 badly, so those are padded with zero rows.
+REDUCE_MAX_ROWS = 16
+_REDUCE_ROW_BUCKETS = (2, 3, 4, 8, 16)
+
+
+def dense(x_xI: jax.Array, w_IxO: jax.Array, dtype, w_OxI: Optional[jax.Array] = None
+          ) -> jax.Array:
   """x [..., I] @ w [I, *O] -> [..., *O] in f32: inputs cast to `dtype`, accumulated in f32.
 
   Every projection of the model and the heads goes through here. Activations stay f32
   between matmuls; `dtype` is what the weights are stored in and the products read. With
   bf16, XLA:CPU hands bf16 x bf16 -> f32 dots to YNNPACK's bf16 kernels (twice the f32
   rate, half the bytes; `_single_row_is_slow` for the exception). Accelerators take the
-  plain dot.
+  plain dot. `w_OxI` (the same weights as [prod(O), I], `with_row_major_copies`, made by
+  the decode engine on a CPU) turns f32 products of 2-16 rows into a multiply-and-reduce.
   """
   lead, i, out = x_xI.shape[:-1], x_xI.shape[-1], w_IxO.shape[1:]
   rows = math.prod(lead)
   x2 = x_xI.reshape(rows, i).astype(dtype)
+  if (w_OxI is not None and jnp.dtype(dtype) == jnp.float32
+      and 2 <= rows <= REDUCE_MAX_ROWS):
+    padded = next(r for r in _REDUCE_ROW_BUCKETS if r >= rows)
+    x2 = jnp.pad(x2, ((0, padded - rows), (0, 0)))
+    y = jnp.sum(w_OxI.astype(dtype)[None] * x2[:, None, :], axis=-1)[:rows]
+    return y.reshape(lead + out)
   pad = _single_row_is_slow(rows, dtype)
   if pad:
     x2 = jnp.concatenate([x2, x2], axis=0)
@@ -195,7 +213,7 @@ class _QKV(nn.Module):
     shape = (c.num_kv_heads, c.num_heads // c.num_kv_heads + 2, c.head_dim)
     w = _param(self, "kernel", (c.hidden_size,) + shape, ("embed", "kv_heads", "qkv", "head_dim"),
                self.param_dtype)
-    y = dense(x_BxTxD, w, self.dtype)  # [B, T, K, J, H]
+    y = dense(x_BxTxD, w, self.dtype, _row_major_copy(self))  # [B, T, K, J, H]
     if c.attention_bias:
       bias = _param(self, "bias", shape, ("kv_heads", "qkv", "head_dim"), self.param_dtype,
                     nn.initializers.zeros)
@@ -213,7 +231,8 @@ class _OutProj(nn.Module):
     c = self.cfg
     w = _param(self, "kernel", (c.num_heads, c.head_dim, c.hidden_size),
                ("heads", "head_dim", "embed"), self.param_dtype)
-    return dense(x_BxTxNH, w.reshape(-1, c.hidden_size), self.dtype)  # [N, H, D] as [N * H, D]
+    # [N, H, D] as [N * H, D]
+    return dense(x_BxTxNH, w.reshape(-1, c.hidden_size), self.dtype, _row_major_copy(self))
 
 
 class MLP(nn.Module):
@@ -226,12 +245,13 @@ class MLP(nn.Module):
   def __call__(self, x_BxTxD):
     d, f, dt = self.cfg.hidden_size, self.cfg.intermediate_size, self.dtype
 
-    def kernel(name, shape, axes):
-      return _Kernel(shape=shape, axes=axes, param_dtype=self.param_dtype, name=name)()
+    def project(x, name, shape, axes):
+      kernel = _Kernel(shape=shape, axes=axes, param_dtype=self.param_dtype, name=name)
+      return dense(x, kernel(), dt, kernel.row_major_copy())
 
-    gate_up = dense(x_BxTxD, kernel("gate_up_proj", (d, 2, f), ("embed", "gate_up", "mlp")), dt)
+    gate_up = project(x_BxTxD, "gate_up_proj", (d, 2, f), ("embed", "gate_up", "mlp"))
     hidden = nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]
-    return dense(hidden, kernel("down_proj", (f, d), ("mlp", "embed")), dt)
+    return project(hidden, "down_proj", (f, d), ("mlp", "embed"))
 
 
 class _Kernel(nn.Module):
@@ -242,6 +262,14 @@ class _Kernel(nn.Module):
   @nn.compact
   def __call__(self):
     return _param(self, "kernel", self.shape, self.axes, self.param_dtype)
+
+  def row_major_copy(self):
+    return _row_major_copy(self)
+
+
+def _row_major_copy(module: nn.Module) -> Optional[jax.Array]:
+  """The module's ROW_MAJOR_COPY where the caller passed one (see `dense`), else None."""
+  return module.variables.get("params", {}).get(ROW_MAJOR_COPY)
 
 
 class DecoderLayer(nn.Module):
@@ -292,6 +320,42 @@ def with_tied_head_copy(cfg: ModelConfig, params):
   return {**params, TIED_HEAD_COPY: copy}
 
 
+# params key, next to a kernel of the decoder or the LM head, of the same weights as a
+# row-major [prod(O), prod(I)] array (`dense`); a tied head's is the embedding itself. Made by
+# the decode engine on a CPU (DecodeEngine.run_params), never saved or sharded.
+ROW_MAJOR_COPY = "kernel_OxI"
+# Modules whose kernel has more than one input dim (o_proj [N, H, D] reads N * H).
+_INPUT_DIMS = {"o_proj": 2}
+
+
+def _row_major(w: jax.Array, n_in: int) -> jax.Array:
+  w = w.reshape((math.prod(w.shape[:n_in]), -1))
+  return jnp.transpose(w)
+
+
+def with_row_major_copies(cfg: ModelConfig, params):
+  """params plus a ROW_MAJOR_COPY next to every kernel (and the tied embedding), for `dense`'s
+  multiply-and-reduce. Call it outside jit: each copy is made once per kernel array and
+  cached while it lives (ShapeDtypeStructs get shapes). The copies double the memory of the
+  kernels (not of a tied head); params that have them all come back as they are."""
+
+  def visit(name, tree):
+    out = {k: visit(k, v) if isinstance(v, dict) else v for k, v in tree.items()}
+    kernel = tree.get("kernel")
+    if kernel is not None and kernel.ndim >= 2 and ROW_MAJOR_COPY not in tree:
+      n_in = _INPUT_DIMS.get(name, 1)
+      make = lambda w: _row_major(w, n_in)  # noqa: E731
+      out[ROW_MAJOR_COPY] = (jax.eval_shape(make, kernel)  # sizing: shapes only
+                             if isinstance(kernel, jax.ShapeDtypeStruct)
+                             else derived_array(kernel, (ROW_MAJOR_COPY, n_in), make))
+    if name == "embed_tokens" and cfg.tie_word_embeddings:
+      out.setdefault(ROW_MAJOR_COPY, tree["embedding"])  # [V, E] is the head's [O, I]
+    unchanged = out.keys() == tree.keys() and all(out[k] is tree[k] for k in tree)
+    return tree if unchanged else out
+
+  return visit(None, params)
+
+
 class LlamaModel(nn.Module):
   """The decoder with its embedding and LM head.
 
@@ -331,7 +395,8 @@ class LlamaModel(nn.Module):
     2 rows 65 -> 7.4). The decode engine makes that copy once per set of weights on a CPU
     (`DecodeEngine.run_params`), outside jit: made inside, XLA rebuilt it every step."""
     rows = math.prod(hidden_BxTxD.shape[:-1])
-    copy = self.variables.get("params", {}).get(TIED_HEAD_COPY)
+    params = self.variables.get("params", {})
+    copy = params.get(TIED_HEAD_COPY)
     if self.cfg.tie_word_embeddings and copy is not None and (
         rows > 1 or _single_row_is_slow(rows, self.dtype)):
       w = copy
@@ -339,9 +404,12 @@ class LlamaModel(nn.Module):
       w = self.embed_tokens().T
     else:
       w = self.lm_head()
+    head = "embed_tokens" if self.cfg.tie_word_embeddings else "lm_head"
+    w_rows = params.get(head, {}).get(ROW_MAJOR_COPY)
     if columns is not None:
       w = jnp.take(w, columns, axis=1)
-    return dense(hidden_BxTxD, w, self.dtype)
+      w_rows = None
+    return dense(hidden_BxTxD, w, self.dtype, w_rows)
 
   def __call__(self, tokens_BxT, positions_BxT, cache: Optional[KVCache] = None,
                mask_BxTxS=None, return_logits: bool = True):
