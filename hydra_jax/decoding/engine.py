@@ -69,8 +69,8 @@ def wants_tied_head_copy(cfg: ModelConfig, dtype, multi_row: bool, mesh=None) ->
 
 # Above this many bytes of f32 weights a verify's 2-16-row products read them from memory,
 # not cache, and the multiply-and-reduce beats XLA:CPU's GEMM (2-core EPYC, 32 MB L3, one
-# thread: SmolLM2-135M, 540 MB, a 4-token step 53 -> 42 ms; the 36 MB embedded model,
-# 3.6 -> 3.8 ms, stays on the GEMM).
+# core, side by side: SmolLM2-135M, 540 MB, a 4-token Hydra++ step 53.5 -> 43.4 ms; the 36 MB
+# embedded model, 4.3 -> 4.5 ms, stays on the GEMM).
 ROW_MAJOR_MIN_BYTES = 64 << 20
 
 
