@@ -308,7 +308,8 @@ def derived_array(source: jax.Array, tag, make) -> jax.Array:
   ref, value = _DERIVED.get(key, (None, None))
   if ref is None or ref() is not source:
     value = jax.block_until_ready(make(source))
-    _DERIVED[key] = (weakref.ref(source, lambda _: _DERIVED.pop(key, None)), value)
+    # The callback holds the dict itself: at interpreter exit the module global is None.
+    _DERIVED[key] = (weakref.ref(source, lambda _, d=_DERIVED: d.pop(key, None)), value)
   return value
 
 

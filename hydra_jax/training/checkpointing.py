@@ -20,8 +20,11 @@ What goes wrong, and what happens then:
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import glob
 import json
+import logging
 import os
 import shutil
 import threading
@@ -67,6 +70,26 @@ def _read_error(error: BaseException) -> str:
         return text[text.index(marker):].splitlines()[0][:240]
     exc = exc.__cause__ or exc.__context__
   return short_reason(error, limit=120)
+
+
+class _DropUnretrievedTaskErrors(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "Task exception was never retrieved" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_failed_reads():
+  """orbax reads a checkpoint's arrays in concurrent asyncio tasks: when a damaged file fails
+  several, it raises the first, and asyncio logs each other one, with its traceback, whenever
+  the garbage collector frees its task. restore_latest_good reports the failure once, so the
+  tasks are collected here, with those records dropped."""
+  log, drop = logging.getLogger("asyncio"), _DropUnretrievedTaskErrors()
+  log.addFilter(drop)
+  try:
+    yield
+  finally:
+    gc.collect()
+    log.removeFilter(drop)
 
 
 def _sync(name: str) -> None:
@@ -204,6 +227,10 @@ class TrainCheckpointer:
     heads or another base (that is not corruption: it propagates). Unreadable newer
     checkpoints are moved to WORKDIR/corrupt_checkpoints/ once a good one is found.
     """
+    with _quiet_failed_reads():
+      return self._restore_latest_good(abstract_state, check_extra, warn)
+
+  def _restore_latest_good(self, abstract_state, check_extra, warn):
     unreadable: List[Tuple[int, str]] = []
     for step in reversed(self.all_steps()):
       try:
