@@ -20,8 +20,6 @@ What goes wrong, and what happens then:
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import glob
 import json
 import logging
@@ -72,24 +70,23 @@ def _read_error(error: BaseException) -> str:
   return short_reason(error, limit=120)
 
 
-class _DropUnretrievedTaskErrors(logging.Filter):
+class _DropOrbaxUnretrievedTasks(logging.Filter):
   def filter(self, record: logging.LogRecord) -> bool:
-    return "Task exception was never retrieved" not in record.getMessage()
+    text = record.getMessage()
+    return not ("Task exception was never retrieved" in text
+                and f"{os.sep}orbax{os.sep}" in text)
 
 
-@contextlib.contextmanager
-def _quiet_failed_reads():
+def _quiet_failed_reads() -> None:
   """orbax reads a checkpoint's arrays in concurrent asyncio tasks: when a damaged file fails
   several, it raises the first, and asyncio logs each other one, with its traceback, whenever
-  the garbage collector frees its task. restore_latest_good reports the failure once, so the
-  tasks are collected here, with those records dropped."""
-  log, drop = logging.getLogger("asyncio"), _DropUnretrievedTaskErrors()
-  log.addFilter(drop)
-  try:
-    yield
-  finally:
-    gc.collect()
-    log.removeFilter(drop)
+  the garbage collector frees its task (during the fallback, or seconds later).
+  restore_latest_good reports the failure once, so from its first call on, for the rest of
+  the process, asyncio's "never retrieved" records of orbax's tasks are dropped (the asyncio
+  side of heads_io.silence_aborted_reads)."""
+  log = logging.getLogger("asyncio")
+  if not any(isinstance(f, _DropOrbaxUnretrievedTasks) for f in log.filters):
+    log.addFilter(_DropOrbaxUnretrievedTasks())
 
 
 def _sync(name: str) -> None:
@@ -227,10 +224,7 @@ class TrainCheckpointer:
     heads or another base (that is not corruption: it propagates). Unreadable newer
     checkpoints are moved to WORKDIR/corrupt_checkpoints/ once a good one is found.
     """
-    with _quiet_failed_reads():
-      return self._restore_latest_good(abstract_state, check_extra, warn)
-
-  def _restore_latest_good(self, abstract_state, check_extra, warn):
+    _quiet_failed_reads()
     unreadable: List[Tuple[int, str]] = []
     for step in reversed(self.all_steps()):
       try:
