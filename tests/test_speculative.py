@@ -196,9 +196,10 @@ def test_tied_lm_head_copy_gives_the_same_logits(bases, dtype):
 def test_row_major_copies_give_the_same_logits(bases, base):
   """On a CPU, f32 speculative decoding hands the model a row-major copy [O, I] of every kernel
   (a tied head's is the embedding itself) when the weights outgrow the cache, made once per
-  set of weights, which products of 2-16 rows multiply-and-reduce (llama.dense). The references: numpy's transpose of each
-  kernel, and transformers' logits of the same model. Which products read the copies is
-  checked with zero copies: every one of 2-16 rows, none of 1 or 17."""
+  set of weights, which products of 2-16 rows multiply-and-reduce (llama.dense). The
+  references: numpy's transpose of each kernel, and transformers' logits of the same model.
+  Which products read the copies is checked with zero copies: every one of 2-16 rows, none of
+  1 or 17."""
   torch_model, hm = bases(base)
   cfg, _ = _heads(hm, "hydra")
   tree = load_tree("greedy_7", num_heads=4)

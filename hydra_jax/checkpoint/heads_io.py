@@ -67,15 +67,28 @@ class HeadsCorruptError(CheckpointError):
   """A heads file differs from what was saved (truncated, overwritten, missing)."""
 
 
+class _DropOrbaxUnretrievedTasks(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    text = record.getMessage()
+    return not ("Task exception was never retrieved" in text
+                and f"{os.sep}orbax{os.sep}" in text)
+
+
 def silence_aborted_reads() -> None:
   """Stops the noise orbax leaves after a failed restore (or save), for the rest of the process.
 
   When one TensorStore read (or write) fails, orbax's event loop closes while the others are
   still in flight; as they finish they print "Event loop is closed" tracebacks and
   "Exception ignored in <coroutine>" reports (sys.unraisablehook), from the moment of the
-  failure to seconds later, over the error message the caller shows. Called before a read
-  that may fail (and after a failed write); only those two kinds of report are dropped.
+  failure to seconds later, over the error message the caller shows. Where several reads
+  failed, orbax raises the first, and asyncio logs each other one ("Task exception was never
+  retrieved", with its traceback) whenever the garbage collector frees its task. Called
+  before a read that may fail (and after a failed write); only those kinds of report are
+  dropped.
   """
+  asyncio_log = logging.getLogger("asyncio")
+  if not any(isinstance(f, _DropOrbaxUnretrievedTasks) for f in asyncio_log.filters):
+    asyncio_log.addFilter(_DropOrbaxUnretrievedTasks())
   previous = sys.unraisablehook
   if getattr(previous, "_hydra_jax_quiet", False):
     return

@@ -248,7 +248,7 @@ class MLP(nn.Module):
 
     def project(x, name, shape, axes):
       kernel = _Kernel(shape=shape, axes=axes, param_dtype=self.param_dtype, name=name)
-      return dense(x, kernel(), dt, kernel.row_major_copy())
+      return dense(x, kernel(), dt, _row_major_copy(kernel))
 
     gate_up = project(x_BxTxD, "gate_up_proj", (d, 2, f), ("embed", "gate_up", "mlp"))
     hidden = nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]
@@ -263,9 +263,6 @@ class _Kernel(nn.Module):
   @nn.compact
   def __call__(self):
     return _param(self, "kernel", self.shape, self.axes, self.param_dtype)
-
-  def row_major_copy(self):
-    return _row_major_copy(self)
 
 
 def _row_major_copy(module: nn.Module) -> Optional[jax.Array]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import glob
 import json
-import logging
 import os
 import shutil
 import threading
@@ -68,25 +67,6 @@ def _read_error(error: BaseException) -> str:
         return text[text.index(marker):].splitlines()[0][:240]
     exc = exc.__cause__ or exc.__context__
   return short_reason(error, limit=120)
-
-
-class _DropOrbaxUnretrievedTasks(logging.Filter):
-  def filter(self, record: logging.LogRecord) -> bool:
-    text = record.getMessage()
-    return not ("Task exception was never retrieved" in text
-                and f"{os.sep}orbax{os.sep}" in text)
-
-
-def _quiet_failed_reads() -> None:
-  """orbax reads a checkpoint's arrays in concurrent asyncio tasks: when a damaged file fails
-  several, it raises the first, and asyncio logs each other one, with its traceback, whenever
-  the garbage collector frees its task (during the fallback, or seconds later).
-  restore_latest_good reports the failure once, so from its first call on, for the rest of
-  the process, asyncio's "never retrieved" records of orbax's tasks are dropped (the asyncio
-  side of heads_io.silence_aborted_reads)."""
-  log = logging.getLogger("asyncio")
-  if not any(isinstance(f, _DropOrbaxUnretrievedTasks) for f in log.filters):
-    log.addFilter(_DropOrbaxUnretrievedTasks())
 
 
 def _sync(name: str) -> None:
@@ -224,7 +204,6 @@ class TrainCheckpointer:
     heads or another base (that is not corruption: it propagates). Unreadable newer
     checkpoints are moved to WORKDIR/corrupt_checkpoints/ once a good one is found.
     """
-    _quiet_failed_reads()
     unreadable: List[Tuple[int, str]] = []
     for step in reversed(self.all_steps()):
       try:
