@@ -99,10 +99,10 @@ def _single_row_is_slow(rows: int, dtype) -> bool:
 # XLA:CPU's f32 GEMM reads the weights of a 2-16-row product far below the one-row GEMV's
 # rate (on one 2-core EPYC 2-4 rows cost ~2.1 one-row products).
 # The same product written as a multiply-and-reduce over a row-major copy [O, I] of the
-# weights is one loop fusion that reads each weight row once per input row, the later rows
-# from cache (1.6-1.7 one-row products there). Its speed depends on the row count, not
-# monotonically: XLA runs 2, 3, 4, 8 and 16 rows well and 5-7 or 9-15 badly, so those
-# are padded with zero rows (README, "f32 verify forwards as one multiply-and-reduce").
+# weights compiles to one fusion (jaxlib 0.10 hands it whole to YNNPACK) that costs 1.6-1.7
+# one-row products there. Its speed depends on the row count, not monotonically: 2, 3, 4, 8
+# and 16 rows run well and 5-7 or 9-15 badly, so those are padded with zero rows (README,
+# "f32 verify forwards as one multiply-and-reduce").
 REDUCE_MAX_ROWS = 16
 _REDUCE_ROW_BUCKETS = (2, 3, 4, 8, 16)
 
